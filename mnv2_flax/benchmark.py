@@ -1,0 +1,494 @@
+"""Training and inference speed of MobileNetV2, against Keras and PyTorch.
+
+  python -m mnv2_flax.benchmark                          # this project only
+  python -m mnv2_flax.benchmark --compare=keras --json=cpu.json
+  python -m mnv2_flax.benchmark --pipeline --skip_model  # tf.data only
+
+The JAX numbers come from the trainer's own jitted step (`train.setup` with the
+"synthetic" dataset): one batch placed on device once, so no input cost. Keras
+3 (TensorFlow backend) and torchvision run in the same process on the same
+numpy batch. `--pipeline` times the project's tf.data training preprocessing
+against a bare decode-crop-resize-flip map on generated ImageNet-sized JPEGs.
+
+The JAX part never imports TensorFlow (GPU images need not have it); Keras,
+TensorFlow and PyTorch are imported only by the parts that use them. Columns
+and recorded numbers: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from mnv2_flax import config_lib, layers, models, train
+
+Result = dict[str, Any]
+FRAMEWORKS = ("keras", "torch")
+# Generated JPEGs: ImageNet's typical size and JPEG quality.
+JPEG_HEIGHT, JPEG_WIDTH, JPEG_QUALITY = 375, 500, 90
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m mnv2_flax.benchmark", description=__doc__.split("\n")[0])
+  parser.add_argument("--width", type=float, default=1.0, help="Width multiplier.")
+  parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--batch_size", type=int, default=32,
+                      help="Training, batched-inference and pipeline batch.")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="Compute dtype (bfloat16: params and BN stay float32).")
+  parser.add_argument("--conv_impl", choices=layers.CONV_IMPLS, default="auto")
+  parser.add_argument("--num_classes", type=int, default=1000)
+  parser.add_argument("--remat", action="store_true",
+                      help="Rematerialise each block (less memory, more compute).")
+  parser.add_argument("--steps", type=int, default=20,
+                      help="Timed iterations of each measurement.")
+  parser.add_argument("--warmup", type=int, default=3,
+                      help="Untimed iterations before each measurement.")
+  parser.add_argument("--compare", default="",
+                      help="Comma list from keras,torch: also run these on the "
+                      "same batch.")
+  parser.add_argument("--keras_jit_compile", choices=("auto", "true", "false"),
+                      default="auto",
+                      help="Keras' XLA switch; auto is Keras' default (off on CPU).")
+  parser.add_argument("--pipeline", action="store_true",
+                      help="Also time the tf.data training input pipeline.")
+  parser.add_argument("--pipeline_images", type=int, default=200,
+                      help="Number of generated JPEGs.")
+  parser.add_argument("--pipeline_batches", type=int, default=50,
+                      help="Timed batches per pipeline and thread count.")
+  parser.add_argument("--skip_model", action="store_true",
+                      help="Skip the model benchmarks (with --pipeline).")
+  parser.add_argument("--json", dest="json_path", default="",
+                      help="Write all results to this file.")
+  args = parser.parse_args(argv)
+  args.compare = [name for name in args.compare.split(",") if name]
+  unknown = set(args.compare) - set(FRAMEWORKS)
+  if unknown:
+    parser.error(f"--compare: unknown {sorted(unknown)}; choose from {FRAMEWORKS}")
+  if args.steps < 1 or args.warmup < 0:
+    parser.error("--steps must be >= 1 and --warmup >= 0")
+  if args.skip_model and not args.pipeline:
+    parser.error("--skip_model without --pipeline leaves nothing to measure")
+  return args
+
+
+# --- measuring ---------------------------------------------------------------------
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, steps: int) -> list[float]:
+  """Seconds of each of `steps` calls of `fn` (which must block) after `warmup`."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def measure_train(train_step: Callable[[], Any], args: argparse.Namespace) -> Result:
+  """The first step (compilation included), then the timed steps. Medians
+  resist the odd slow iteration; min/max show how noisy the machine was."""
+  compile_s = time_calls(train_step, 0, 1)[0]
+  step_s = time_calls(train_step, args.warmup, args.steps)
+  median_step = statistics.median(step_s)
+  return {
+      "compile_s": compile_s,
+      "train_images_per_s": args.batch_size / median_step,
+      "train_step_ms": 1e3 * median_step,
+      "train_step_ms_min": 1e3 * min(step_s),
+      "train_step_ms_max": 1e3 * max(step_s),
+  }
+
+
+def measure_infer(infer: Callable[[Any], Any], image_b1: Any, images: Any,
+                  args: argparse.Namespace) -> Result:
+  """Batch-1 latency and batch-B throughput of `infer` (which must block)."""
+  # warmup + 1: the first call of each input shape traces and compiles.
+  b1_s = time_calls(lambda: infer(image_b1), args.warmup + 1, args.steps)
+  batch_s = time_calls(lambda: infer(images), args.warmup + 1, args.steps)
+  return {
+      "infer_latency_ms_b1": 1e3 * statistics.median(b1_s),
+      "infer_images_per_s": args.batch_size / statistics.median(batch_s),
+  }
+
+
+def reset_peak_rss() -> None:
+  """Lowers the kernel's peak-RSS mark to the current RSS (Linux >= 4.0), so
+  each framework's peak excludes the ones that ran before it."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    pass  # Elsewhere the peak is the process's since its start.
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux.
+
+
+def current_rss_mb() -> float:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def host_memory(start_mb: float) -> Result:
+  return {"peak_mb": peak_rss_mb(), "start_rss_mb": start_mb,
+          "peak_memory": "host max RSS (process, incl. libraries)"}
+
+
+def num_cores() -> int:
+  return len(os.sched_getaffinity(0))
+
+
+def describe_device() -> str:
+  device = jax.devices()[0]
+  if device.platform != "cpu":
+    return f"{device.platform}: {device.device_kind} x{jax.device_count()}"
+  model = "unknown CPU"
+  with open("/proc/cpuinfo") as f:
+    for line in f:
+      if line.startswith("model name"):
+        model = line.split(":", 1)[1].strip()
+        break
+  return f"cpu: {model}, {num_cores()} cores"
+
+
+# --- JAX (this project) ------------------------------------------------------------
+
+
+def make_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+  config = config_lib.base_config()
+  config.dataset.name = "synthetic"
+  config.dataset.image_size = args.image_size
+  config.dataset.num_classes = args.num_classes
+  config.model.width_multiplier = args.width
+  config.model.stem_stride = 2  # The paper's strides (base_config's is 1).
+  config.model.half_precision = args.dtype == "bfloat16"
+  config.model.conv_impl = args.conv_impl
+  config.model.remat = args.remat
+  config.global_batch_size = args.batch_size
+  config.eval_batch_size = args.batch_size  # SyntheticDataset pads eval to it.
+  config.num_train_steps = args.warmup + args.steps + 1
+  return config
+
+
+def benchmark_jax(args: argparse.Namespace) -> tuple[Result, dict[str, np.ndarray]]:
+  """This project's trainer; returns its results and the numpy batch it used."""
+  reset_peak_rss()
+  start_mb = current_rss_mb()
+  s = train.setup(make_config(args))
+  host_batch = next(s.dataset.train_batches())
+  batch = s.shard(host_batch)
+  state = s.init_state()
+
+  def train_step() -> None:
+    nonlocal state  # The step donates its input state.
+    state, metrics = s.train_step(state, batch)
+    jax.block_until_ready((state, metrics))
+
+  result = measure_train(train_step, args)
+  device = jax.devices()[0]
+  # The trained (eval) weights, on one device: inference is single-device.
+  variables = jax.device_put(state.eval_variables(), device)
+  apply = jax.jit(lambda v, x: s.model.apply(v, x, train=False))
+  images = host_batch["image"]
+  result.update(measure_infer(
+      lambda x: jax.block_until_ready(apply(variables, x)),
+      jax.device_put(images[:1], device), jax.device_put(images, device), args))
+  stats = device.memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    result.update(peak_mb=stats["peak_bytes_in_use"] / 2**20,
+                  peak_memory="device peak_bytes_in_use")
+  else:
+    result.update(host_memory(start_mb))
+  result.update(
+      params=sum(x.size for x in jax.tree.leaves(variables["params"])),
+      macs=models.count_macs(s.model, variables, images.shape[1:]),
+      conv_impl=layers.resolve_conv_impl(args.conv_impl),
+      version=f"jax {jax.__version__}",
+  )
+  return result, host_batch
+
+
+# --- Keras 3 and PyTorch ---------------------------------------------------------
+
+
+def quiet_tensorflow() -> None:
+  """Keeps TensorFlow's C++ INFO and WARNING lines from burying the results."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def benchmark_keras(args: argparse.Namespace, batch: dict[str, np.ndarray]) -> Result:
+  """keras.applications.MobileNetV2 trained with `train_on_batch` (the standard
+  compiled Keras step: one tf.function, XLA per --keras_jit_compile)."""
+  os.environ["KERAS_BACKEND"] = "tensorflow"  # Read once, at the first import.
+  quiet_tensorflow()
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  if keras.backend.backend() != "tensorflow":
+    return {"skipped": f"keras already imported with the {keras.backend.backend()} "
+                       "backend"}
+  reset_peak_rss()
+  start_mb = current_rss_mb()
+  size = args.image_size
+  policy = keras.config.dtype_policy()
+  keras.config.set_dtype_policy(
+      "mixed_bfloat16" if args.dtype == "bfloat16" else "float32")
+  try:
+    model = keras.applications.MobileNetV2(
+        input_shape=(size, size, 3), alpha=args.width, weights=None,
+        classes=args.num_classes, classifier_activation=None)
+  finally:
+    keras.config.set_dtype_policy(policy)
+  jit_compile = {"auto": "auto", "true": True, "false": False}[args.keras_jit_compile]
+  # The project's default optimizer (SGD, Nesterov momentum 0.9); loss on logits.
+  model.compile(
+      optimizer=keras.optimizers.SGD(learning_rate=0.01, momentum=0.9, nesterov=True),
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      jit_compile=jit_compile)
+  images, labels = tf.constant(batch["image"]), tf.constant(batch["label"])
+  forward = tf.function(lambda x: model(x, training=False),
+                        jit_compile=model.jit_compile)
+  result = measure_train(lambda: model.train_on_batch(images, labels), args)
+  result.update(measure_infer(lambda x: forward(x).numpy(), images[:1], images, args))
+  result.update(host_memory(start_mb))
+  result.update(
+      params=sum(int(np.prod(w.shape)) for w in model.trainable_weights),
+      jit_compile=bool(model.jit_compile),
+      version=f"keras {keras.__version__}, tensorflow {tf.__version__}",
+  )
+  return result
+
+
+def benchmark_torch(args: argparse.Namespace, batch: dict[str, np.ndarray]) -> Result:
+  """torchvision's mobilenet_v2, eager (channels-last, autocast for bfloat16)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import torchvision  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    return {"skipped": str(e)}
+  reset_peak_rss()
+  start_mb = current_rss_mb()
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = torchvision.models.mobilenet_v2(
+      width_mult=args.width, num_classes=args.num_classes
+  ).to(device, memory_format=torch.channels_last)
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+  images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).to(
+      device, memory_format=torch.channels_last)
+  labels = torch.from_numpy(batch["label"]).long().to(device)
+
+  def autocast() -> Any:
+    return torch.autocast(device, dtype=torch.bfloat16,
+                          enabled=args.dtype == "bfloat16")
+
+  def train_step() -> None:
+    optimizer.zero_grad(set_to_none=True)
+    with autocast():
+      loss = torch.nn.functional.cross_entropy(model(images), labels)
+    loss.backward()
+    optimizer.step()
+    loss.item()  # Waits for the device.
+
+  def infer(x: Any) -> None:
+    with torch.inference_mode(), autocast():
+      model(x).float().cpu()
+
+  result = measure_train(train_step, args)
+  model.eval()
+  result.update(measure_infer(infer, images[:1], images, args))
+  if device == "cuda":
+    result.update(peak_mb=torch.cuda.max_memory_allocated() / 2**20,
+                  peak_memory="torch.cuda.max_memory_allocated")
+  else:
+    result.update(host_memory(start_mb))
+  result.update(params=sum(p.numel() for p in model.parameters()),
+                version=f"torch {torch.__version__}, "
+                        f"torchvision {torchvision.__version__}")
+  return result
+
+
+# --- input pipeline ----------------------------------------------------------------
+
+
+def write_jpegs(directory: str, count: int, seed: int = 0) -> list[str]:
+  """ImageNet-like JPEGs (500x375, quality 90, ~75 KB): smooth random colour
+  fields at four scales, whose fine texture sets the compressed size."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  octaves = (((6, 8), 90.0), ((24, 32), 45.0), ((94, 125), 25.0),
+             ((JPEG_HEIGHT, JPEG_WIDTH), 8.0))
+  paths = []
+  for i in range(count):
+    image = np.full((1, JPEG_HEIGHT, JPEG_WIDTH, 3), 128.0, np.float32)
+    for shape, amplitude in octaves:
+      noise = rng.normal(0.0, amplitude, (1, *shape, 3)).astype(np.float32)
+      image += tf.image.resize(noise, (JPEG_HEIGHT, JPEG_WIDTH), "bicubic").numpy()
+    pixels = tf.cast(tf.clip_by_value(image[0], 0, 255), tf.uint8)
+    paths.append(os.path.join(directory, f"{i:04d}.jpg"))
+    tf.io.write_file(paths[-1], tf.io.encode_jpeg(pixels, quality=JPEG_QUALITY))
+  return paths
+
+
+def benchmark_pipeline(args: argparse.Namespace) -> Result:
+  """Images/s of (a) the project's training preprocessing and (b) a bare
+  decode_and_crop_jpeg + resize + flip map, each batched, with tf.data limited
+  to 1 thread (per core) and to all cores."""
+  quiet_tensorflow()
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from mnv2_flax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  config = make_config(args)
+
+  def bare(image_bytes: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    # The same crop distribution as the project's, so decoding costs the same.
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.io.extract_jpeg_shape(image_bytes), tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=crop_seed, min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(config.dataset.crop_area_min, 1.0), max_attempts=10)
+    window = tf.stack([begin[0], begin[1], size[0], size[1]])
+    image = tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
+    image = tf.image.resize(image, (args.image_size, args.image_size), "bilinear")
+    return tf.image.stateless_random_flip_left_right(image, flip_seed)
+
+  preprocessors = {
+      "project": lambda image_bytes, seed: input_pipeline.preprocess_train(
+          image_bytes, seed, config),
+      "bare": bare,
+  }
+  with tempfile.TemporaryDirectory() as directory:
+    paths = write_jpegs(directory, args.pipeline_images)
+    encoded = [tf.io.read_file(p).numpy() for p in paths]
+  key = tf.constant([config.seed, 0], tf.int64)
+
+  def images_per_s(preprocess: Callable[..., tf.Tensor], threads: int) -> float:
+    ds = tf.data.Dataset.from_tensor_slices(encoded).repeat().enumerate().map(
+        lambda i, image_bytes: preprocess(
+            image_bytes, tf.random.experimental.stateless_fold_in(key, i)),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(args.batch_size, drop_remainder=True,
+                  num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1
+    batches = ds.with_options(options).as_numpy_iterator()
+    times = time_calls(lambda: next(batches), args.warmup + 1, args.pipeline_batches)
+    return args.batch_size * len(times) / sum(times)
+
+  thread_counts = sorted({1, num_cores()})
+  result: Result = {
+      name: {f"threads_{n}": images_per_s(fn, n) for n in thread_counts}
+      for name, fn in preprocessors.items()
+  }
+  result["project_over_bare"] = {
+      k: result["project"][k] / result["bare"][k] for k in result["project"]}
+  result.update(num_images=len(encoded),
+                mean_jpeg_kb=sum(map(len, encoded)) / len(encoded) / 1024,
+                version=f"tensorflow {tf.__version__}")
+  return result
+
+
+# --- report ------------------------------------------------------------------------
+
+COLUMNS = (("train img/s", "train_images_per_s", "{:.1f}"),
+           ("infer ms (b1)", "infer_latency_ms_b1", "{:.2f}"),
+           ("infer img/s", "infer_images_per_s", "{:.1f}"),
+           ("compile s", "compile_s", "{:.1f}"),
+           ("peak MB", "peak_mb", "{:.0f}"))
+
+
+def ratios(results: Result) -> dict[str, float]:
+  """JAX's speed relative to each other framework: > 1 means JAX is faster."""
+  out = {}
+  for name in FRAMEWORKS:
+    other = results.get(name, {})
+    if "train_images_per_s" in other:
+      jax_result = results["jax"]
+      out[f"jax/{name} train img/s"] = (
+          jax_result["train_images_per_s"] / other["train_images_per_s"])
+      out[f"{name}/jax latency b1"] = (
+          other["infer_latency_ms_b1"] / jax_result["infer_latency_ms_b1"])
+  return out
+
+
+def markdown_tables(results: Result) -> str:
+  """The results as markdown tables, pasteable into docs/benchmarks.md."""
+  lines = []
+  models_run = [name for name in ("jax", *FRAMEWORKS) if name in results]
+  if models_run:
+    lines += ["| framework | " + " | ".join(c[0] for c in COLUMNS) + " |",
+              "|---" * (len(COLUMNS) + 1) + "|"]
+    for name in models_run:
+      r = results[name]
+      cells = ([f"skipped: {r['skipped']}"] + [""] * (len(COLUMNS) - 1)
+               if "skipped" in r else [fmt.format(r[key]) for _, key, fmt in COLUMNS])
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"{k}: {v:.2f}x" for k, v in results.get("ratios", {}).items()]
+  if "pipeline" in results:
+    p = results["pipeline"]
+    threads = list(p["project"])
+    lines += [""] if lines else []
+    lines += ["| pipeline | " + " | ".join(f"img/s ({t.replace('_', ' ')})"
+                                                for t in threads) + " |",
+              "|---" * (len(threads) + 1) + "|"]
+    for name in ("project", "bare", "project_over_bare"):
+      lines.append(f"| {name} | " + " | ".join(f"{p[name][t]:.2f}" for t in threads)
+                   + " |")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> Result:
+  """Runs the benchmarks that `argv` asks for; prints and returns the results."""
+  args = parse_args(argv)
+  config = {k: v for k, v in vars(args).items() if k != "json_path"}
+  config.update(backend=jax.default_backend(), device_count=jax.device_count(),
+                compilation_cache_dir=jax.config.jax_compilation_cache_dir)
+  if config["compilation_cache_dir"] and not args.skip_model:
+    print("note: JAX's persistent compilation cache is on, so compile_s may be "
+          "a cache hit", file=sys.stderr)
+  results: Result = {
+      "config": config,
+      "device": describe_device(),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+  if not args.skip_model:
+    results["jax"], batch = benchmark_jax(args)
+    runners = {"keras": benchmark_keras, "torch": benchmark_torch}
+    for name in args.compare:
+      results[name] = runners[name](args, batch)
+    results["ratios"] = ratios(results)
+  if args.pipeline:
+    results["pipeline"] = benchmark_pipeline(args)
+  print(markdown_tables(results))
+  if args.json_path:
+    with open(args.json_path, "w") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+def run() -> None:
+  """Console entry point (`mnv2-benchmark`)."""
+  main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+  run()

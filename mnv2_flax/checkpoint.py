@@ -1,0 +1,157 @@
+"""Orbax checkpoints of the TrainState: the last k, plus the best by a metric.
+
+Saves are atomic (orbax writes to a temporary directory and renames it once
+finalised), so a killed save never masquerades as a checkpoint. Restores take
+an abstract target whose shardings belong to the *current* mesh, so a
+checkpoint written on N devices restores on any other device count.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class CheckpointError(ValueError):
+  """No usable checkpoint, or one that does not fit the configured model."""
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def shape_mismatches(saved: Any, expected: Any) -> list[str]:
+  """Human-readable differences between two trees of arrays/metadata."""
+  saved_leaves = {_path_str(p): tuple(l.shape) for p, l in
+                  jax.tree_util.tree_flatten_with_path(saved)[0] if hasattr(l, "shape")}
+  expected_leaves = {_path_str(p): tuple(l.shape) for p, l in
+                     jax.tree_util.tree_flatten_with_path(expected)[0]}
+  problems = []
+  # Parameters first: they say which layer differs; optimizer state follows.
+  for key in sorted(expected_leaves.keys() | saved_leaves.keys(),
+                    key=lambda k: (not k.startswith("params/"), k)):
+    s, e = saved_leaves.get(key), expected_leaves.get(key)
+    if s != e:
+      problems.append(f"{key}: checkpoint {s or 'missing'} vs model {e or 'missing'}")
+  return problems
+
+
+class Checkpointer:
+  """Keeps the last `keep` checkpoints in DIR and the best one in DIR_best."""
+
+  def __init__(self, directory: str, *, keep: int, best_metric: str = "",
+               read_only: bool = False):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only,
+        cleanup_tmp_directories=not read_only,
+    )
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers=ocp.StandardCheckpointHandler())
+    self._best = None
+    self._best_metric = best_metric
+    if best_metric and not read_only:
+      best_options = ocp.CheckpointManagerOptions(
+          max_to_keep=1, create=True, cleanup_tmp_directories=True,
+          best_fn=lambda metrics: metrics[best_metric],
+          best_mode="min" if best_metric == "loss" else "max",
+      )
+      self._best = ocp.CheckpointManager(
+          self.directory + "_best", options=best_options
+      )
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, *, force: bool = False) -> None:
+    if self._manager.latest_step() == step:  # Already saved (periodic + final).
+      return
+    self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+  def save_best(self, step: int, state: Any, metrics: Mapping[str, float]) -> None:
+    if self._best is not None:
+      self._best.save(step, args=ocp.args.StandardSave(state),
+                      metrics={k: float(v) for k, v in metrics.items()}, force=True)
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
+    """Restores `step` (default: the newest good one) into `abstract_state`.
+
+    A checkpoint that fails to load (truncated, missing metadata) is skipped
+    with a warning in favour of the previous one. A checkpoint whose shapes do
+    not match the model raises CheckpointError listing every difference.
+    """
+    candidates = [step] if step is not None else self.all_steps()[::-1]
+    if not candidates:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    failures = []
+    for candidate in candidates:
+      try:
+        saved = self._manager.item_metadata(candidate)
+      except Exception as e:  # pylint: disable=broad-except
+        saved, error = None, e
+      if saved is not None and hasattr(saved, "tree"):
+        saved = saved.tree
+      if saved is not None:
+        mismatches = shape_mismatches(saved, abstract_state)
+        if mismatches:
+          raise CheckpointError(
+              f"checkpoint {self.directory}/{candidate} does not fit the "
+              f"configured model ({len(mismatches)} differences): "
+              + "; ".join(mismatches[:8])
+          )
+      try:
+        state = self._manager.restore(
+            candidate, args=ocp.args.StandardRestore(abstract_state)
+        )
+        return state, candidate
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+      logging.warning("Checkpoint %s/%s is unreadable (%s); trying an older one.",
+                      self.directory, candidate, error)
+      failures.append(f"step {candidate}: {type(error).__name__}")
+    raise CheckpointError(
+        f"no readable checkpoint in {self.directory} ({', '.join(failures)})"
+    )
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+    if self._best is not None:
+      self._best.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+    if self._best is not None:
+      self._best.close()
+
+
+def abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  """ShapeDtypeStructs of `tree` placed with `sharding` (restore target)."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree
+  )
+
+
+def read_checkpoint(directory: str, step: int | None = None) -> tuple[dict[str, Any], int]:
+  """Any checkpoint as a plain tree on this process's first device, without
+  knowing the model (inspection, export, comparing runs)."""
+  manager = ocp.CheckpointManager(
+      os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers=ocp.StandardCheckpointHandler())
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f"no checkpoint in {directory}")
+  metadata = manager.item_metadata(step)
+  metadata = getattr(metadata, "tree", metadata)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+  return manager.restore(step, args=ocp.args.StandardRestore(target)), step

@@ -1,0 +1,217 @@
+"""Datasets as deterministic, resumable iterators of per-process numpy batches.
+
+Every dataset implements the same contract (`Dataset`):
+  * `train_batches(start_step)` yields this process's share of the global batch
+    for steps start_step, start_step + 1, ...; batch k depends only on
+    (seed, k), so a resumed run sees exactly the batches of an uninterrupted
+    one, whatever the process count.
+  * `eval_batches()` yields padded batches with a `mask`; across all processes
+    every eval example appears exactly once and every process yields the same
+    number of batches (required by the collective eval step).
+
+This module never imports TensorFlow: the embedded digits set and synthetic
+data live here, TFDS datasets are built by `input_pipeline` (imported lazily).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+
+from mnv2_flax.errors import ConfigError
+
+Batch = dict[str, np.ndarray]
+# Per-batch preprocessing of an ArrayDataset: (images, rng) -> float32 images;
+# rng is None for eval batches (no augmentation).
+Transform = Callable[[np.ndarray, "np.random.Generator | None"], np.ndarray]
+
+TFDS_DATASETS = ("imagenet2012", "cifar10", "mnist", "imagefolder")
+DATASETS = ("digits", "synthetic") + TFDS_DATASETS
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int
+  image_shape: tuple[int, int, int]  # (H, W, C) of the batches yielded.
+  num_train_examples: int
+  num_eval_examples: int
+
+
+class Dataset(Protocol):
+  info: DatasetInfo
+
+  def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
+    ...
+
+  def eval_batches(self) -> Iterator[Batch]:
+    ...
+
+
+def process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
+  local = global_batch_size // process_count
+  return slice(process_index * local, (process_index + 1) * local)
+
+
+def eval_shard(num_examples: int, process_index: int, process_count: int) -> tuple[int, int, int]:
+  """(start, stop, shard_size_max) of this process's contiguous eval shard."""
+  per_process = -(-num_examples // process_count)
+  start = min(process_index * per_process, num_examples)
+  return start, min(start + per_process, num_examples), per_process
+
+
+def pad_batch(batch: Batch, batch_size: int) -> Batch:
+  """Pads a (possibly empty) batch to `batch_size` and adds a 0/1 `mask`."""
+  n = len(batch["label"])
+  padded = {
+      k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)])
+      for k, v in batch.items()
+  }
+  padded["mask"] = (np.arange(batch_size) < n).astype(np.float32)
+  return padded
+
+
+class ArrayDataset:
+  """An in-memory dataset (images already preprocessed) with exact resume.
+
+  The order of epoch e is a permutation drawn from (seed, e); step k takes the
+  k-th global batch of that order and this process keeps its slice.
+  """
+
+  def __init__(
+      self,
+      train: tuple[np.ndarray, np.ndarray],
+      test: tuple[np.ndarray, np.ndarray],
+      num_classes: int,
+      *,
+      global_batch_size: int,
+      eval_batch_size: int,
+      seed: int,
+      process_index: int = 0,
+      process_count: int = 1,
+      transform: Transform | None = None,
+  ):
+    self._train_images, self._train_labels = train
+    self._test_images, self._test_labels = test
+    self._global_batch_size = global_batch_size
+    self._local_eval_batch = eval_batch_size // process_count
+    self._seed = seed
+    self._process_index, self._process_count = process_index, process_count
+    self._transform = transform
+    self.info = DatasetInfo(
+        num_classes=num_classes,
+        image_shape=tuple(self._apply(self._test_images[:1], None).shape[1:]),
+        num_train_examples=len(self._train_labels),
+        num_eval_examples=len(self._test_labels),
+    )
+    if len(self._train_labels) < global_batch_size:
+      raise ConfigError(
+          f"config.global_batch_size: {global_batch_size} exceeds the "
+          f"{len(self._train_labels)} training examples"
+      )
+
+  def _apply(self, images: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+    return images if self._transform is None else self._transform(images, rng)
+
+  def _epoch_order(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self._seed, epoch]).permutation(
+        len(self._train_labels)
+    )
+
+  def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
+    steps_per_epoch = len(self._train_labels) // self._global_batch_size
+    mine = process_slice(
+        self._global_batch_size, self._process_index, self._process_count
+    )
+    step = start_step
+    while True:
+      epoch, index = divmod(step, steps_per_epoch)
+      order = self._epoch_order(epoch)
+      while index < steps_per_epoch:
+        start = index * self._global_batch_size
+        ids = order[start : start + self._global_batch_size][mine]
+        rng = np.random.default_rng([self._seed, epoch, index, self._process_index])
+        images = self._apply(self._train_images[ids], rng)
+        yield {"image": images, "label": self._train_labels[ids]}
+        index += 1
+        step += 1
+
+  def eval_batches(self) -> Iterator[Batch]:
+    start, stop, shard_max = eval_shard(
+        len(self._test_labels), self._process_index, self._process_count
+    )
+    b = self._local_eval_batch
+    for offset in range(0, shard_max, b):
+      lo, hi = min(start + offset, stop), min(start + offset + b, stop)
+      images = self._apply(self._test_images[lo:hi], None)
+      yield pad_batch({"image": images, "label": self._test_labels[lo:hi]}, b)
+
+
+def load_digits(image_size: int, seed: int = 0) -> tuple[tuple, tuple]:
+  """scikit-learn's bundled 8x8 digits: a fixed 1437/360 train/test split,
+  scaled to [0, 1], upsampled (bilinear) to image_size, normalised."""
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  digits = sk_datasets.load_digits()
+  images = digits.images.astype(np.float32)[..., None] / 16.0
+  labels = digits.target.astype(np.int32)
+  images = np.asarray(
+      jax.image.resize(
+          images, (len(images), image_size, image_size, 1), "bilinear"
+      )
+  )
+  images = (images - images.mean()) / images.std()
+  order = np.random.default_rng(seed).permutation(len(labels))
+  train, test = order[:1437], order[1437:]
+  return (images[train], labels[train]), (images[test], labels[test])
+
+
+class SyntheticDataset:
+  """Random images and labels for benchmarks and smoke tests: one fixed batch,
+  no input cost. Eval yields a single padded batch."""
+
+  def __init__(self, image_size: int, num_classes: int, *, global_batch_size: int,
+               eval_batch_size: int, seed: int, process_count: int = 1):
+    rng = np.random.default_rng(seed)
+    local = global_batch_size // process_count
+    self._batch = {
+        "image": rng.standard_normal((local, image_size, image_size, 3), np.float32),
+        "label": rng.integers(0, num_classes, local).astype(np.int32),
+    }
+    self._eval_batch = pad_batch(self._batch, eval_batch_size // process_count)
+    self.info = DatasetInfo(num_classes, (image_size, image_size, 3),
+                            global_batch_size, local * process_count)
+
+  def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
+    del start_step
+    while True:
+      yield self._batch
+
+  def eval_batches(self) -> Iterator[Batch]:
+    yield self._eval_batch
+
+
+def create_dataset(config: Any, *, process_index: int, process_count: int) -> Dataset:
+  """Builds `config.dataset.name` for this process."""
+  name = config.dataset.name
+  kwargs = dict(
+      global_batch_size=config.global_batch_size,
+      eval_batch_size=config.eval_batch_size,
+      seed=config.seed,
+  )
+  if name == "digits":
+    train, test = load_digits(config.dataset.image_size)
+    return ArrayDataset(train, test, 10, process_index=process_index,
+                        process_count=process_count, **kwargs)
+  if name == "synthetic":
+    return SyntheticDataset(config.dataset.image_size, config.dataset.num_classes,
+                            process_count=process_count, **kwargs)
+  if name in TFDS_DATASETS:
+    from mnv2_flax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+    return input_pipeline.create_dataset(
+        config, process_index=process_index, process_count=process_count
+    )
+  raise ConfigError(f"config.dataset.name: must be one of {DATASETS}, got {name!r}")

@@ -1,0 +1,5 @@
+"""Errors the user must fix; the CLI prints them as one line and exits 2."""
+
+
+class ConfigError(ValueError):
+  """A bad config value or input path; the message names the key or path."""

@@ -1,0 +1,321 @@
+"""Convolution layers with interchangeable kernels and one parameter tree.
+
+MobileNetV2's cost is its depthwise 3x3 and 1x1 convolutions. XLA compiles
+both well on GPU/TPU, but on CPU `lax.conv` with `feature_group_count=C` is
+~30x slower than TensorFlow's depthwise kernel. The modules here therefore
+take an `impl` name and dispatch to a compute function, while always creating
+the same parameters (`kernel` of shape (k, k, 1, C) for depthwise and
+(k, k, C_in, C_out) for regular convs, exactly like `flax.linen.Conv`), so a
+checkpoint trained with one implementation restores into any other.
+
+Implementations:
+  "xla":  `lax.conv_general_dilated` everywhere (best on GPU/TPU).
+  "taps": depthwise as k*k shifted multiply-adds with a hand-written VJP,
+          1x1 convs as one 2-D matmul, kxk convs as im2col + matmul (best on
+          CPU).
+  "auto": "taps" on CPU, "xla" on every other backend.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+Array = jax.Array
+Padding = Sequence[tuple[int, int]]
+
+CONV_IMPLS = ("auto", "xla", "taps")
+PADDINGS = ("symmetric", "tf_same")
+
+
+def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
+  """Maps "auto" to the fastest measured implementation for `backend`."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+  if impl != "auto":
+    return impl
+  backend = backend or jax.default_backend()
+  return "taps" if backend == "cpu" else "xla"
+
+
+def conv_padding(
+    padding: str, in_size: int, kernel_size: int, stride: int
+) -> tuple[int, int]:
+  """(low, high) zero padding of one spatial dimension.
+
+  "symmetric" pads k//2 on both sides (torchvision). "tf_same" is TensorFlow's
+  SAME: the output has ceil(in/stride) positions and the odd pixel of padding
+  goes at the end, which is what Keras' `correct_pad` + "valid" produces.
+  """
+  if padding == "symmetric":
+    return kernel_size // 2, kernel_size // 2
+  if padding == "tf_same":
+    out_size = -(-in_size // stride)
+    total = max((out_size - 1) * stride + kernel_size - in_size, 0)
+    return total // 2, total - total // 2
+  raise ValueError(f"model.padding must be one of {PADDINGS}, got {padding!r}")
+
+
+def spatial_padding(
+    padding: str, shape: Sequence[int], kernel_size: int, stride: int
+) -> Padding:
+  """Padding of an NHWC input's H and W for `lax` conv calls."""
+  return [conv_padding(padding, s, kernel_size, stride) for s in shape[1:3]]
+
+
+# --- "xla" implementations -----------------------------------------------------
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def xla_conv(x: Array, kernel: Array, stride: int, pads: Padding) -> Array:
+  return lax.conv_general_dilated(
+      x, kernel, (stride, stride), pads, dimension_numbers=_NHWC
+  )
+
+
+def xla_depthwise_conv(
+    x: Array, kernel: Array, stride: int, pads: Padding
+) -> Array:
+  return lax.conv_general_dilated(
+      x,
+      kernel,
+      (stride, stride),
+      pads,
+      dimension_numbers=_NHWC,
+      feature_group_count=x.shape[-1],
+  )
+
+
+# --- "taps" implementations ----------------------------------------------------
+
+
+def _out_hw(
+    x: Array, kernel: Array, stride: int, pads: Padding
+) -> tuple[int, int]:
+  h, w = (
+      (size + lo + hi - k) // stride + 1
+      for size, (lo, hi), k in zip(x.shape[1:3], pads, kernel.shape[:2])
+  )
+  return h, w
+
+
+def _pad_hw(x: Array, pads: Padding) -> Array:
+  # `lax.pad`, unlike `jnp.pad`, takes negative padding (a crop), which the
+  # polyphase input gradient needs.
+  (top, bottom), (left, right) = pads
+  config = [(0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)]
+  return lax.pad(x, jnp.zeros((), x.dtype), config)
+
+
+def _tap(
+    xp: Array, i: int, j: int, stride: int, out_hw: Sequence[int]
+) -> Array:
+  """`xp[:, i + stride*h, j + stride*w, :]` at every output position (h, w)."""
+  n, _, _, c = xp.shape
+  h_end = i + stride * (out_hw[0] - 1) + 1
+  w_end = j + stride * (out_hw[1] - 1) + 1
+  return lax.slice(
+      xp, (0, i, j, 0), (n, h_end, w_end, c), (1, stride, stride, 1)
+  )
+
+
+def _tap_sum(x: Array, kernel: Array, stride: int, pads: Padding) -> Array:
+  """Depthwise cross-correlation as k_h*k_w shifted multiply-adds.
+
+  `kernel` is (k_h, k_w, 1, C) and may be empty or non-square (the polyphase
+  sub-kernels). Accumulates in float32, so bfloat16 inputs round only once.
+  """
+  k_h, k_w = kernel.shape[:2]
+  out_hw = _out_hw(x, kernel, stride, pads)
+  xp = _pad_hw(x, pads).astype(jnp.float32)
+  kernel = kernel.astype(jnp.float32)
+  acc = jnp.zeros((x.shape[0], *out_hw, x.shape[3]), jnp.float32)
+  for i in range(k_h):
+    for j in range(k_w):
+      acc = acc + _tap(xp, i, j, stride, out_hw) * kernel[i, j, 0]
+  return acc
+
+
+def _depthwise_input_grad(
+    g: Array, kernel: Array, stride: int, pads: Padding, in_hw: Sequence[int]
+) -> Array:
+  """Transpose of `_tap_sum` with respect to x, computed polyphase.
+
+  Padded-input position p = stride*m + q only receives taps i = stride*t + q,
+  from output m - t. So each of the stride**2 phases (q_h, q_w) is a stride-1
+  correlation of g with a flipped sub-kernel, and the phases interleave into
+  the gradient. Autodiff instead correlates an interior-padded g that is
+  mostly zeros (and, in the model, re-computes the BatchNorm backward inside
+  every tap).
+  """
+  n, out_h, out_w, c = g.shape
+  # Phase rows m in [start, start + size) cover padded rows [pad, pad + in).
+  starts = [pad[0] // stride for pad in pads]
+  sizes = [
+      -(-(pad[0] + in_size) // stride) - start
+      for pad, in_size, start in zip(pads, in_hw, starts)
+  ]
+  phases = []
+  for q_h in range(stride):
+    row = []
+    for q_w in range(stride):
+      sub = kernel[q_h::stride, q_w::stride][::-1, ::-1]
+      sub_pads = [
+          (kq - 1 - start, start + size - out_size)
+          for kq, start, size, out_size in zip(
+              sub.shape[:2], starts, sizes, (out_h, out_w)
+          )
+      ]
+      row.append(_tap_sum(g, sub, 1, sub_pads))
+    phases.append(jnp.stack(row, axis=3))
+  # (N, M_h, q_h, M_w, q_w, C) -> padded rows stride*m + q_h, cols likewise.
+  dxp = jnp.stack(phases, axis=2).reshape(
+      n, stride * sizes[0], stride * sizes[1], c
+  )
+  top = pads[0][0] - stride * starts[0]
+  left = pads[1][0] - stride * starts[1]
+  return dxp[:, top : top + in_hw[0], left : left + in_hw[1]]
+
+
+def _depthwise_kernel_grad(
+    x: Array, g: Array, kernel_shape: Sequence[int], stride: int, pads: Padding
+) -> Array:
+  """Transpose of `_tap_sum` with respect to the kernel.
+
+  One variadic reduce yields all k*k per-channel sums in a single fused pass
+  over g and x; k*k separate `sum`s would each materialise a shifted copy.
+  It reduces over H and W only, then over N: XLA:CPU emits a fused reduce as
+  a loop over outputs, and reducing N too makes every channel stride through
+  the whole batch, which measured ~4x slower at stride 1.
+  """
+  k_h, k_w = kernel_shape[:2]
+  xp = _pad_hw(x, pads).astype(jnp.float32)
+  g = g.astype(jnp.float32)
+  products = tuple(
+      _tap(xp, i, j, stride, g.shape[1:3]) * g
+      for i in range(k_h)
+      for j in range(k_w)
+  )
+  sums = lax.reduce(
+      products,
+      (jnp.float32(0),) * len(products),
+      lambda a, b: tuple(u + v for u, v in zip(a, b)),
+      (1, 2),
+  )
+  return jnp.stack(sums).sum(axis=1).reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _taps_depthwise(
+    x: Array, kernel: Array, stride: int, pads: Padding
+) -> Array:
+  return _tap_sum(x, kernel, stride, pads).astype(x.dtype)
+
+
+def _taps_depthwise_fwd(x, kernel, stride, pads):
+  return _taps_depthwise(x, kernel, stride, pads), (x, kernel)
+
+
+def _taps_depthwise_bwd(stride, pads, residuals, g):
+  x, kernel = residuals
+  dx = _depthwise_input_grad(g, kernel, stride, pads, x.shape[1:3])
+  dk = _depthwise_kernel_grad(x, g, kernel.shape, stride, pads)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_taps_depthwise.defvjp(_taps_depthwise_fwd, _taps_depthwise_bwd)
+
+
+def taps_depthwise_conv(
+    x: Array, kernel: Array, stride: int, pads: Padding
+) -> Array:
+  # custom_vjp's non-differentiable arguments must be hashable.
+  return _taps_depthwise(x, kernel, stride, tuple(map(tuple, pads)))
+
+
+def dot_conv(x: Array, kernel: Array, stride: int, pads: Padding) -> Array:
+  """Regular conv as im2col + one 2-D matmul; for 1x1 just a (strided) matmul.
+
+  On CPU a 2-D `jnp.dot` is ~5x faster than `lax.conv` forward+backward, and
+  also beats a 4-D `dot_general`, whose backward pass is slow.
+  """
+  k_h, k_w, c_in, c_out = kernel.shape
+  out_hw = _out_hw(x, kernel, stride, pads)
+  xp = _pad_hw(x, pads)
+  # Channel order (i, j, c_in) matches the row order of the HWIO reshape.
+  patches = jnp.concatenate(
+      [_tap(xp, i, j, stride, out_hw) for i in range(k_h) for j in range(k_w)],
+      axis=-1,
+  )
+  y = jnp.dot(patches.reshape(-1, k_h * k_w * c_in), kernel.reshape(-1, c_out))
+  return y.reshape(*patches.shape[:3], c_out)
+
+
+# Registries: impl name -> compute function(x, kernel, stride, pads).
+CONV_FNS: dict[str, Callable[..., Array]] = {"xla": xla_conv, "taps": dot_conv}
+DEPTHWISE_FNS: dict[str, Callable[..., Array]] = {
+    "xla": xla_depthwise_conv,
+    "taps": taps_depthwise_conv,
+}
+
+
+# --- modules -------------------------------------------------------------------
+
+
+class Conv(nn.Module):
+  """Bias-free kxk convolution; parameters identical to `nn.Conv(use_bias=False)`."""
+
+  features: int
+  kernel_size: int = 1
+  strides: int = 1
+  padding: str = "symmetric"
+  impl: str = "auto"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable[..., Array] = nn.initializers.variance_scaling(
+      2.0, "fan_out", "normal"
+  )
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k = self.kernel_size
+    kernel = self.param(
+        "kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
+        self.param_dtype,
+    )
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    pads = spatial_padding(self.padding, x.shape, k, self.strides)
+    return CONV_FNS[resolve_conv_impl(self.impl)](x, kernel, self.strides, pads)
+
+
+class DepthwiseConv(nn.Module):
+  """Bias-free depthwise kxk convolution; parameters identical to
+  `nn.Conv(C, (k, k), feature_group_count=C, use_bias=False)`."""
+
+  kernel_size: int = 3
+  strides: int = 1
+  padding: str = "symmetric"
+  impl: str = "auto"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable[..., Array] = nn.initializers.variance_scaling(
+      2.0, "fan_out", "normal"
+  )
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k, channels = self.kernel_size, x.shape[-1]
+    kernel = self.param(
+        "kernel", self.kernel_init, (k, k, 1, channels), self.param_dtype
+    )
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    pads = spatial_padding(self.padding, x.shape, k, self.strides)
+    impl = resolve_conv_impl(self.impl)
+    return DEPTHWISE_FNS[impl](x, kernel, self.strides, pads)
+

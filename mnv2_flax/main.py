@@ -1,0 +1,145 @@
+"""Command line: train, evaluate or summarise MobileNetV2.
+
+  python -m mnv2_flax.main --workdir=/tmp/digits                # embedded default
+  python -m mnv2_flax.main --config=configs/imagenet.py --workdir=DIR
+  python -m mnv2_flax.main --config=configs/imagenet.py --workdir=DIR --mode=eval
+  python -m mnv2_flax.main --config=configs/cifar10.py --mode=summary
+
+Re-running a train command with the same --workdir resumes from its newest
+checkpoint. User errors (bad config values, missing data, unusable workdir or
+checkpoint) print one line naming the key or path and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as pylogging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mnv2_flax import config_lib
+
+EXIT_USER_ERROR = 2
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", config_lib.__file__,
+    "A config file (configs/*.py); by default the embedded digits config "
+    "(config_lib.get_config). Override keys with --config.KEY=VALUE.",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, results.json.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "summary"],
+                  "train (resumes if WORKDIR has checkpoints), eval (the newest "
+                  "checkpoint), summary (params and multiply-adds, no data).")
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-process: host:port of process 0 (see launch/).")
+flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+flags.DEFINE_bool("jax_distributed_auto", False,
+                  "Call jax.distributed.initialize() with cluster auto-detection "
+                  "(SLURM, TPU pods, Kubernetes).")
+
+
+def quiet_library_info_logs(record: pylogging.LogRecord) -> bool:
+  """Drops orbax's per-save INFO lines (dozens a checkpoint); keeps warnings."""
+  return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing whose errors are one line and exit status 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0])
+  return []
+
+
+def initialize_jax(config) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if FLAGS.coordinator_address:
+    if FLAGS.num_processes is None or FLAGS.process_id is None:
+      fail("--coordinator_address needs --num_processes and --process_id")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
+  elif FLAGS.jax_distributed_auto:
+    jax.distributed.initialize()
+  if config.compilation_cache_dir:
+    cache = os.path.expanduser(config.compilation_cache_dir)
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def summary(config) -> dict[str, int]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from mnv2_flax import models  # pylint: disable=g-import-not-at-top
+
+  config_lib.validate(config, device_count=1)
+  size = config.dataset.image_size
+  channels = 1 if config.dataset.name in ("digits", "mnist") else 3
+  model = models.create_model(config.model, config.dataset.num_classes)
+  shape = (size, size, channels)
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  return {
+      "params": count(variables["params"]),
+      "batch_stats": count(variables["batch_stats"]),
+      "macs": models.count_macs(model, variables, shape),
+      "input_shape": list(shape),
+      "num_classes": config.dataset.num_classes,
+  }
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = FLAGS.config
+  try:
+    config.get("seed")  # config_flags loads the file on first access.
+  except OSError as e:
+    fail(" ".join(str(e).split()))
+  if FLAGS.mode == "summary":
+    info = summary(config)
+    print(json.dumps(info))
+    print(f"{info['params']:,} parameters, {info['batch_stats']:,} BatchNorm "
+          f"statistics, {info['macs'] / 1e6:.1f} M multiply-adds per "
+          f"{'x'.join(map(str, info['input_shape']))} image")
+    return
+  logging.get_absl_handler().addFilter(quiet_library_info_logs)
+  if not FLAGS.workdir:
+    fail("--workdir is required for --mode=train and --mode=eval")
+  initialize_jax(config)
+  from mnv2_flax import train  # pylint: disable=g-import-not-at-top
+
+  if FLAGS.mode == "eval":
+    results = train.evaluate(config, FLAGS.workdir)
+  else:
+    results = train.train_and_evaluate(config, FLAGS.workdir)
+  logging.info("Results: %s", results)
+  print(json.dumps(results))
+
+
+def run() -> None:
+  """Console entry point (`mnv2-train`)."""
+  from mnv2_flax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  try:
+    app.run(main, flags_parser=parse_flags)
+  except (config_lib.ConfigError, checkpoint.CheckpointError) as e:
+    fail(str(e))
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,219 @@
+"""MobileNetV2 (Sandler et al., CVPR 2018) in Flax Linen.
+
+The network mirrors Table 2 of the paper. Blocks get their convolutions and
+normalisation as injected factories (as in flax `examples/imagenet`), so a
+per-backend kernel (`layers.py`) or another BatchNorm flavour is one argument
+and never changes the parameter tree.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mnv2_flax import layers
+
+ModuleDef = Any
+
+# Table 2: expansion t, output channels c, repeats n, first stride s.
+# A t of 6 is the paper's expansion ratio, which `MobileNetV2.expansion` sweeps.
+INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+PAPER_STAGE_STRIDES = tuple(s for _, _, _, s in INVERTED_RESIDUAL_SETTING)
+BOTTLENECKS = ("linear", "relu6")
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+  """Rounds channels to a multiple of `divisor`, never below 90% of `value`.
+
+  The rule of the reference TF-slim, Keras and torchvision implementations.
+  """
+  rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+  if rounded < 0.9 * value:
+    rounded += divisor
+  return rounded
+
+
+def relu6(x: jax.Array) -> jax.Array:
+  return jnp.minimum(jnp.maximum(x, 0), 6)
+
+
+class InvertedResidual(nn.Module):
+  """Expand (1x1) -> depthwise (3x3) -> project (1x1), linear bottleneck."""
+
+  out_channels: int
+  stride: int
+  expansion: int
+  conv: ModuleDef
+  depthwise_conv: ModuleDef
+  norm: ModuleDef
+  bottleneck: str = "linear"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_channels = x.shape[-1]
+    y = x
+    if self.expansion != 1:
+      y = self.conv(in_channels * self.expansion, name="expand")(y)
+      y = relu6(self.norm(name="expand_bn")(y))
+    y = self.depthwise_conv(strides=self.stride, name="depthwise")(y)
+    y = relu6(self.norm(name="depthwise_bn")(y))
+    y = self.conv(self.out_channels, name="project")(y)
+    y = self.norm(name="project_bn")(y)
+    if self.bottleneck == "relu6":  # The paper's non-linear-bottleneck ablation.
+      y = relu6(y)
+    if self.stride == 1 and in_channels == self.out_channels:
+      y = x + y
+    return y
+
+
+class MobileNetV2(nn.Module):
+  """MobileNetV2 classifier over NHWC images; returns logits.
+
+  Attributes mirror `config.model`; see `configs/default.py` for their meaning.
+  """
+
+  num_classes: int = 1000
+  width_multiplier: float = 1.0
+  expansion: int = 6
+  bottleneck: str = "linear"
+  stem_stride: int = 2
+  stage_strides: Sequence[int] = PAPER_STAGE_STRIDES
+  dropout_rate: float = 0.2
+  padding: str = "symmetric"
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  conv_impl: str = "auto"
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    conv = functools.partial(
+        layers.Conv, padding=self.padding, impl=self.conv_impl, dtype=self.dtype
+    )
+    depthwise_conv = functools.partial(
+        layers.DepthwiseConv,
+        padding=self.padding,
+        impl=self.conv_impl,
+        dtype=self.dtype,
+    )
+    # BatchNorm statistics are reduced over the whole (global) batch: under
+    # jit over a sharded batch XLA inserts the cross-device reduction.
+    norm = functools.partial(
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=self.bn_momentum,
+        epsilon=self.bn_epsilon,
+        dtype=self.dtype,
+    )
+    block = nn.remat(InvertedResidual) if self.remat else InvertedResidual
+
+    x = conv(
+        make_divisible(32 * self.width_multiplier),
+        kernel_size=3,
+        strides=self.stem_stride,
+        name="stem",
+    )(x)
+    x = relu6(norm(name="stem_bn")(x))
+    index = 0
+    for (t, c, n, _), stride in zip(
+        INVERTED_RESIDUAL_SETTING, self.stage_strides, strict=True
+    ):
+      for i in range(n):
+        x = block(
+            out_channels=make_divisible(c * self.width_multiplier),
+            stride=stride if i == 0 else 1,
+            expansion=1 if t == 1 else self.expansion,
+            conv=conv,
+            depthwise_conv=depthwise_conv,
+            norm=norm,
+            bottleneck=self.bottleneck,
+            name=f"block{index}",
+        )(x)
+        index += 1
+    last_channels = make_divisible(1280 * max(1.0, self.width_multiplier))
+    x = conv(last_channels, name="head")(x)
+    x = relu6(norm(name="head_bn")(x))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
+    return x.astype(jnp.float32)
+
+
+def downsampling_factor(stem_stride: int, stage_strides: Sequence[int]) -> int:
+  factor = stem_stride
+  for s in stage_strides:
+    factor *= s
+  return factor
+
+
+def create_model(model_config: Any, num_classes: int) -> MobileNetV2:
+  """Builds the model from `config.model` (an ml_collections ConfigDict)."""
+  return MobileNetV2(
+      num_classes=num_classes,
+      width_multiplier=model_config.width_multiplier,
+      expansion=model_config.expansion,
+      bottleneck=model_config.bottleneck,
+      stem_stride=model_config.stem_stride,
+      stage_strides=tuple(model_config.stage_strides),
+      dropout_rate=model_config.dropout_rate,
+      padding=model_config.padding,
+      bn_momentum=model_config.bn_momentum,
+      bn_epsilon=model_config.bn_epsilon,
+      dtype=jnp.bfloat16 if model_config.half_precision else jnp.float32,
+      conv_impl=model_config.conv_impl,
+      remat=model_config.remat,
+  )
+
+
+def count_macs(model: nn.Module, variables: Any, image_shape: Sequence[int]) -> int:
+  """Multiply-adds of one forward pass on one image (convs and dense layers).
+
+  Intercepts every conv/dense call while tracing the model abstractly, so the
+  count always matches the configured architecture.
+  """
+  total = 0
+
+  def interceptor(next_fun, args, kwargs, context):
+    nonlocal total
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__":
+      module = context.module
+      out_elems = 1
+      for d in out.shape[1:]:
+        out_elems *= d
+      if isinstance(module, layers.Conv):
+        total += out_elems * module.kernel_size**2 * args[0].shape[-1]
+      elif isinstance(module, layers.DepthwiseConv):
+        total += out_elems * module.kernel_size**2
+      elif isinstance(module, nn.Dense):
+        total += out_elems * args[0].shape[-1]
+    return out
+
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False),
+        variables,
+        jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
+    )
+  return total
+
+
+def check_bottleneck(bottleneck: str) -> None:
+  if bottleneck not in BOTTLENECKS:
+    raise ValueError(
+        f"model.bottleneck must be one of {BOTTLENECKS}, got {bottleneck!r}"
+    )
+

@@ -1,0 +1,452 @@
+"""Training and evaluation of MobileNetV2.
+
+One jit-compiled train step runs over a `jax.sharding.Mesh` with a single
+"data" axis: the global batch is split across all devices of all hosts, the
+TrainState is replicated, and XLA reduces gradients and BatchNorm statistics
+over the global batch. The same code runs on 1 CPU, N GPUs or a TPU slice.
+
+This module does not import TensorFlow (the GPU/TPU images need not have it);
+clu's metric writers do, so they are imported where the loop starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import linen as nn
+from flax import struct
+from flax.training import train_state
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mnv2_flax import checkpoint, config_lib, data, models
+
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any = None
+  ema_params: Any = None  # An EMA of `params` when optimizer.ema_decay > 0.
+  ema_decay: float = struct.field(pytree_node=False, default=0.0)
+
+  def eval_variables(self) -> dict[str, Any]:
+    params = self.params if self.ema_params is None else self.ema_params
+    return {"params": params, "batch_stats": self.batch_stats}
+
+
+# --- optimisation ----------------------------------------------------------------
+
+
+def learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, num_steps: int
+) -> optax.Schedule:
+  """Warmup, then cosine / exponential (x decay_rate per decay_epochs) / constant."""
+  o = config.optimizer
+  warmup = int(o.warmup_epochs * steps_per_epoch)
+  if o.schedule == "cosine":
+    main = optax.cosine_decay_schedule(o.learning_rate, max(num_steps - warmup, 1))
+  elif o.schedule == "exponential":
+    main = optax.exponential_decay(
+        o.learning_rate, int(o.decay_epochs * steps_per_epoch), o.decay_rate,
+        staircase=True,
+    )
+  else:
+    main = optax.constant_schedule(o.learning_rate)
+  if warmup == 0:
+    return main
+  ramp = optax.linear_schedule(0.0, o.learning_rate, warmup)
+  return optax.join_schedules([ramp, main], [warmup])
+
+
+def weight_decay_mask(params: Any, mode: str) -> Any:
+  """True for the leaves that get weight decay (see optimizer.weight_decay_mask)."""
+
+  def decays(path, _):
+    names = [str(getattr(k, "key", k)) for k in path]
+    if mode == "all":
+      return True
+    if names[-1] != "kernel":
+      return False
+    return not (mode == "kernels_except_depthwise" and "depthwise" in names)
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, lr_fn: optax.Schedule
+) -> optax.GradientTransformation:
+  o = config.optimizer
+  if o.name == "rmsprop":
+    # TensorFlow's RMSProp: eps inside the sqrt, accumulator starts at 1.
+    opt = optax.rmsprop(lr_fn, decay=o.rmsprop_decay, eps=o.rmsprop_eps,
+                        initial_scale=1.0, eps_in_sqrt=True, momentum=o.momentum)
+  else:
+    opt = optax.sgd(lr_fn, momentum=o.momentum, nesterov=o.nesterov)
+  decay = optax.add_decayed_weights(
+      o.weight_decay, functools.partial(weight_decay_mask, mode=o.weight_decay_mask)
+  )
+  return optax.chain(decay, opt)
+
+
+# --- steps -----------------------------------------------------------------------
+
+
+def prepare_images(images: jax.Array, image_size: int) -> jax.Array:
+  """Resizes on device when the dataset's native size differs from the model's."""
+  if images.shape[1:3] == (image_size, image_size):
+    return images
+  shape = (images.shape[0], image_size, image_size, images.shape[3])
+  return jax.image.resize(images, shape, "bilinear")
+
+
+def classification_metrics(logits: jax.Array, labels: jax.Array,
+                           weights: jax.Array) -> Metrics:
+  """Weighted sums of loss, top-1 and top-5 hits, and the example count."""
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  k = min(5, logits.shape[-1])
+  top_k = jax.lax.top_k(logits, k)[1]
+  hits = top_k == labels[:, None]
+  return {
+      "loss": jnp.sum(loss * weights),
+      "top1": jnp.sum(hits[:, 0] * weights),
+      "top5": jnp.sum(jnp.any(hits, axis=-1) * weights),
+      "count": jnp.sum(weights),
+  }
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    rng: jax.Array,
+    image_size: int,
+    label_smoothing: float,
+    lr_fn: optax.Schedule,
+    skip_nonfinite: bool,
+) -> tuple[TrainState, Metrics]:
+  """One optimisation step on the global batch; metrics are batch means."""
+  images = prepare_images(batch["image"], image_size)
+  labels = batch["label"]
+  dropout_rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, images,
+        train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng},
+    )
+    targets = optax.smooth_labels(
+        jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing
+    )
+    loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
+    return loss, (logits, updates["batch_stats"])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True
+  )(state.params)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if state.ema_params is not None:
+    new_state = new_state.replace(ema_params=optax.incremental_update(
+        new_state.params, state.ema_params, 1.0 - state.ema_decay))
+  finite = jnp.isfinite(loss) & jnp.all(jnp.array(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  if skip_nonfinite:
+    new_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), new_state, state
+    ).replace(step=state.step + 1)
+  sums = classification_metrics(logits, labels, jnp.ones_like(loss, shape=labels.shape))
+  metrics = {k: sums[k] / sums["count"] for k in ("top1", "top5")}
+  metrics.update(loss=loss, learning_rate=lr_fn(state.step),
+                 nonfinite=jnp.logical_not(finite).astype(jnp.int32))
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
+              image_size: int) -> Metrics:
+  images = prepare_images(batch["image"], image_size)
+  logits = state.apply_fn(state.eval_variables(), images, train=False)
+  return classification_metrics(logits, batch["label"], batch["mask"])
+
+
+# --- set-up ----------------------------------------------------------------------
+
+
+@struct.dataclass
+class Setup:
+  """Everything built from a config before the loop: compiled steps included."""
+
+  mesh: jax.sharding.Mesh = struct.field(pytree_node=False)
+  dataset: Any = struct.field(pytree_node=False)
+  model: nn.Module = struct.field(pytree_node=False)
+  steps_per_epoch: int = struct.field(pytree_node=False)
+  num_steps: int = struct.field(pytree_node=False)
+  init_state: Callable[[], TrainState] = struct.field(pytree_node=False)
+  train_step: Callable[..., Any] = struct.field(pytree_node=False)
+  eval_step: Callable[..., Any] = struct.field(pytree_node=False)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def shard(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
+    """Assembles this process's numpy batch into a global, data-sharded array."""
+    sharding = NamedSharding(self.mesh, P("data"))
+    return {
+        k: v if isinstance(v, jax.Array)
+        else jax.make_array_from_process_local_data(sharding, v)
+        for k, v in batch.items()
+    }
+
+
+def create_mesh() -> jax.sharding.Mesh:
+  # Auto axes: XLA propagates the batch sharding (and inserts the cross-device
+  # reductions for gradients and BatchNorm statistics) by itself.
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  """Validates the config, builds the dataset, model, optimizer and steps."""
+  config_lib.validate(config, jax.device_count())
+  mesh = create_mesh()
+  dataset = data.create_dataset(config, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+  info = dataset.info
+  steps_per_epoch = max(info.num_train_examples // config.global_batch_size, 1)
+  num_steps = (config.num_train_steps if config.num_train_steps > 0
+               else int(config.num_epochs * steps_per_epoch))
+  model = models.create_model(config.model, info.num_classes)
+  lr_fn = learning_rate_schedule(config, steps_per_epoch, num_steps)
+  tx = create_optimizer(config, lr_fn)
+  image_size = config.dataset.image_size
+  init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+
+  @functools.partial(jax.jit, out_shardings=replicated)
+  def init_state() -> TrainState:
+    images = jnp.zeros((1, image_size, image_size, info.image_shape[-1]))
+    variables = model.init(init_rng, images, train=False)
+    ema = config.optimizer.ema_decay
+    return TrainState.create(
+        apply_fn=model.apply, params=variables["params"], tx=tx,
+        batch_stats=variables["batch_stats"],
+        ema_params=variables["params"] if ema > 0 else None, ema_decay=ema,
+    )
+
+  step = functools.partial(
+      train_step, rng=dropout_rng, image_size=image_size, lr_fn=lr_fn,
+      label_smoothing=config.optimizer.label_smoothing,
+      skip_nonfinite=config.skip_nonfinite_updates,
+  )
+  return Setup(
+      mesh=mesh, dataset=dataset, model=model, steps_per_epoch=steps_per_epoch,
+      num_steps=num_steps, init_state=init_state,
+      train_step=jax.jit(step, in_shardings=(replicated, batch_sharding),
+                         out_shardings=(replicated, replicated), donate_argnums=0),
+      eval_step=jax.jit(functools.partial(eval_step, image_size=image_size),
+                        in_shardings=(replicated, batch_sharding),
+                        out_shardings=replicated),
+  )
+
+
+def evaluate_dataset(s: Setup, state: TrainState) -> dict[str, float]:
+  """Top-1/top-5/loss over every eval example exactly once."""
+  totals: dict[str, float] = {}
+  for batch in s.dataset.eval_batches():
+    sums = jax.device_get(s.eval_step(state, s.shard(batch)))
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  count = totals.pop("count")
+  results = {k: v / count for k, v in totals.items()}
+  results["num_examples"] = int(round(count))
+  return results
+
+
+def ensure_workdir(workdir: str) -> str:
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise config_lib.ConfigError(f"--workdir {workdir} is not writable: {e.strerror}")
+  return workdir
+
+
+def write_results(workdir: str, results: dict[str, Any], name: str = "results.json") -> None:
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, name)
+    with open(path + ".tmp", "w") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)  # Never leave a half-written file.
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM/SIGINT into "save at the next step boundary, then stop".
+
+  With several processes, JAX's preemption sync point makes all of them agree
+  on the step (the coordination service relays the notice).
+  """
+
+  def __init__(self):
+    self._requested = False
+    self._previous = {}
+    if jax.process_count() == 1:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("Received signal %d: checkpointing at the next step.", signum)
+    self._requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
+
+  def restore_handlers(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer,
+                    config: ml_collections.ConfigDict) -> TrainState:
+  """Latest checkpoint of the workdir, else `checkpoint_path`'s weights, else init."""
+  state = s.init_state()
+  target = checkpoint.abstract(state, s.replicated)
+  if ckpt.latest_step() is not None:
+    state, step = ckpt.restore(target)
+    logging.info("Resumed from %s at step %d.", ckpt.directory, step)
+  elif config.checkpoint_path:
+    source = checkpoint.Checkpointer(config.checkpoint_path, keep=1, read_only=True)
+    restored, step = source.restore(target)
+    logging.info("Initialised weights from %s step %d.", source.directory, step)
+    state = state.replace(params=restored.params, batch_stats=restored.batch_stats,
+                          ema_params=restored.ema_params)
+  return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from WORKDIR/checkpoints if any), evaluates, returns results."""
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
+
+  start_time = time.time()
+  workdir = ensure_workdir(workdir)
+  s = setup(config)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 keep=config.keep_checkpoints,
+                                 best_metric=config.best_metric)
+  state = restore_or_init(s, ckpt, config)
+  start_step = int(state.step)
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  if start_step == 0:
+    writer.write_hparams(flatten(config.to_dict()))
+  report = periodic_actions.ReportProgress(num_train_steps=s.num_steps, writer=writer)
+  hooks = [report]
+  if config.profile_steps > 0 and is_main:
+    hooks.append(periodic_actions.Profile(
+        num_profile_steps=config.profile_steps, first_profile=start_step + 2,
+        logdir=workdir))
+  preemption = PreemptionWatcher()
+  batches: Iterator[dict[str, Any]] = s.dataset.train_batches(start_step)
+  logging.info("Training %d steps (%d per epoch) from step %d on %d devices.",
+               s.num_steps, s.steps_per_epoch, start_step, jax.device_count())
+
+  pending: list[Metrics] = []
+  interval_start = time.time()
+  step = start_step
+  try:
+    while step < s.num_steps:
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = s.train_step(state, s.shard(next(batches)))
+      step += 1
+      pending.append(metrics)
+      for hook in hooks:
+        hook(step)
+      if step % config.log_every_steps == 0 or step == s.num_steps:
+        summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+                   for k in pending[0]}
+        if summary.pop("nonfinite") > 0 and not config.skip_nonfinite_updates:
+          last_good = ckpt.latest_step()
+          raise NonFiniteLossError(
+              f"non-finite loss or gradients within steps {step - len(pending) + 1}"
+              f"..{step}; last good checkpoint: "
+              f"{'none' if last_good is None else f'{ckpt.directory}/{last_good}'}")
+        elapsed = time.time() - interval_start
+        summary["images_per_s"] = len(pending) * config.global_batch_size / elapsed
+        writer.write_scalars(step, summary)
+        pending, interval_start = [], time.time()
+      if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < s.num_steps:
+        evaluate_and_log(s, state, ckpt, writer, step)
+      if step % config.checkpoint_every_steps == 0:
+        ckpt.save(step, state)
+      if preemption.should_stop(step):
+        logging.warning("Preempted: saving step %d and exiting.", step)
+        ckpt.save(step, state, force=True)
+        ckpt.wait()
+        return {"preempted_at_step": step}
+    ckpt.save(step, state, force=True)
+    results = evaluate_and_log(s, state, ckpt, writer, step)
+    results.update(step=step, wall_clock_s=time.time() - start_time)
+    write_results(workdir, results)
+    return results
+  finally:
+    preemption.restore_handlers()
+    writer.flush()
+    ckpt.wait()
+    ckpt.close()
+
+
+def evaluate_and_log(s: Setup, state: TrainState, ckpt: checkpoint.Checkpointer,
+                     writer: Any, step: int) -> dict[str, Any]:
+  results = evaluate_dataset(s, state)
+  writer.write_scalars(step, {f"eval_{k}": v for k, v in results.items()})
+  ckpt.save_best(step, state, results)
+  return results
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Restores the newest checkpoint (workdir's, or config.checkpoint_path) and
+  evaluates it on any device count; writes WORKDIR/results.json."""
+  start_time = time.time()
+  workdir = ensure_workdir(workdir)
+  directory = config.checkpoint_path or os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise checkpoint.CheckpointError(f"no checkpoint to evaluate: {directory} does not exist")
+  s = setup(config)
+  ckpt = checkpoint.Checkpointer(directory, keep=1, read_only=True)
+  state, step = ckpt.restore(checkpoint.abstract(s.init_state(), s.replicated))
+  results = evaluate_dataset(s, state)
+  results.update(step=step, wall_clock_s=time.time() - start_time,
+                 checkpoint=os.path.join(ckpt.directory, str(step)))
+  write_results(workdir, results)
+  return results
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = str(v) if isinstance(v, (tuple, list)) else v
+  return out

@@ -1,0 +1,97 @@
+"""The benchmark script: tiny in-process runs, its JSON, and its imports."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from mnv2_flax import benchmark
+
+TINY = ["--width=0.35", "--image_size=32", "--batch_size=4", "--steps=2",
+        "--warmup=1"]
+MODEL_KEYS = ("compile_s", "train_images_per_s", "infer_latency_ms_b1",
+              "infer_images_per_s", "peak_mb", "params")
+
+
+def run_benchmark(tmp_path, *flags):
+  path = tmp_path / "results.json"
+  returned = benchmark.main([*flags, f"--json={path}"])
+  with open(path) as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(returned))
+  return saved
+
+
+def assert_positive_finite(result, keys):
+  for key in keys:
+    assert isinstance(result[key], (int, float)), key
+    assert math.isfinite(result[key]) and result[key] > 0, (key, result[key])
+
+
+def test_jax_benchmark_writes_positive_finite_numbers(tmp_path, capsys):
+  results = run_benchmark(tmp_path, *TINY)
+  assert_positive_finite(results["jax"], (*MODEL_KEYS, "macs"))
+  assert results["jax"]["params"] == 1_677_128  # Width 0.35, 1000 classes.
+  assert results["config"]["image_size"] == 32
+  assert results["device"] and results["date"]
+  assert results["ratios"] == {}
+  assert "| jax |" in capsys.readouterr().out
+
+
+def test_imports_without_tensorflow():
+  # The GPU/TPU images have no TensorFlow: only --compare/--pipeline need it.
+  code = ("import sys; sys.modules['tensorflow'] = None; "
+          "from mnv2_flax import benchmark; "
+          "benchmark.make_config(benchmark.parse_args([]))")
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True,
+                 timeout=120)
+
+
+def test_unknown_framework_is_a_usage_error():
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(["--compare=keras,mxnet"])
+
+
+def test_markdown_tables_show_ratios_and_skipped_frameworks():
+  row = {"train_images_per_s": 100.0, "infer_latency_ms_b1": 2.0,
+         "infer_images_per_s": 500.0, "compile_s": 10.0, "peak_mb": 900.0}
+  results = {"jax": row, "keras": dict(row, train_images_per_s=50.0,
+                                       infer_latency_ms_b1=3.0),
+             "torch": {"skipped": "not installed (torch)"}}
+  results["ratios"] = benchmark.ratios(results)
+  assert results["ratios"] == {"jax/keras train img/s": 2.0,
+                               "keras/jax latency b1": 1.5}
+  table = benchmark.markdown_tables(results)
+  assert "| jax | 100.0 | 2.00 | 500.0 | 10.0 | 900 |" in table
+  assert "| torch | skipped: not installed (torch) |" in table
+  assert "jax/keras train img/s: 2.00x" in table
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("keras") is None,
+                    reason="keras is not installed")
+def test_keras_comparison(tmp_path):
+  results = run_benchmark(tmp_path, *TINY, "--compare=keras")
+  assert_positive_finite(results["keras"], MODEL_KEYS)
+  # The same architecture: Keras' trainable parameters equal ours.
+  assert results["keras"]["params"] == results["jax"]["params"]
+  assert_positive_finite(results["ratios"], results["ratios"])
+
+
+@pytest.mark.slow
+def test_pipeline(tmp_path):
+  pytest.importorskip("tensorflow")
+  results = run_benchmark(tmp_path, "--skip_model", "--pipeline", "--image_size=32",
+                          "--batch_size=2", "--pipeline_images=4",
+                          "--pipeline_batches=2", "--warmup=0")
+  assert "jax" not in results
+  pipeline = results["pipeline"]
+  for name in ("project", "bare", "project_over_bare"):
+    assert_positive_finite(pipeline[name], pipeline[name])
+  assert 40 < pipeline["mean_jpeg_kb"] < 120  # ImageNet-like, ~75 KB.

@@ -1,0 +1,114 @@
+"""The "taps" kernels must be drop-in replacements for the "xla" ones."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from mnv2_flax import layers
+
+# Odd H != even W: covers both parities, and at stride 2 tf_same pads the two
+# dimensions differently ((1, 1) for H, (0, 1) for W).
+HW = (9, 8)
+
+
+def _random(shape, seed, dtype=jnp.float32):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_and_vjp(module, params, x, cotangent):
+  y, vjp = jax.vjp(lambda p, x: module.apply(p, x), params, x)
+  return y, vjp(cotangent)
+
+
+def _assert_taps_matches_xla(make_module, x, tol=1e-5):
+  """Outputs and gradients w.r.t. params and x agree between the impls."""
+  xla, taps = make_module(impl="xla"), make_module(impl="taps")
+  # Unit-scale random parameters rather than the (small) initial ones.
+  params = jax.tree.map(
+      lambda p: _random(p.shape, seed=1, dtype=p.dtype),
+      jax.eval_shape(xla.init, jax.random.key(0), x),
+  )
+  out = jax.eval_shape(xla.apply, params, x)
+  cotangent = _random(out.shape, seed=2, dtype=out.dtype)
+  expected = _forward_and_vjp(xla, params, x, cotangent)
+  actual = _forward_and_vjp(taps, params, x, cotangent)
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    assert a.shape == e.shape and a.dtype == e.dtype
+    np.testing.assert_allclose(
+        np.asarray(a, np.float32), np.asarray(e, np.float32), tol, tol
+    )
+
+
+@pytest.mark.parametrize("padding", layers.PADDINGS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_matches_xla(stride, padding):
+  make = functools.partial(
+      layers.DepthwiseConv, strides=stride, padding=padding
+  )
+  _assert_taps_matches_xla(make, _random((2, *HW, 8), seed=0))
+
+
+@pytest.mark.parametrize("padding", layers.PADDINGS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_stem_conv_matches_xla(stride, padding):
+  make = functools.partial(
+      layers.Conv, 8, kernel_size=3, strides=stride, padding=padding
+  )
+  _assert_taps_matches_xla(make, _random((2, *HW, 3), seed=0))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_conv_matches_xla(stride):
+  make = functools.partial(layers.Conv, 16, kernel_size=1, strides=stride)
+  _assert_taps_matches_xla(make, _random((2, *HW, 8), seed=0))
+
+
+@pytest.mark.parametrize(
+    "module, reference",
+    [
+        (
+            layers.DepthwiseConv(),
+            nn.Conv(8, (3, 3), feature_group_count=8, use_bias=False),
+        ),
+        (layers.Conv(16, kernel_size=1), nn.Conv(16, (1, 1), use_bias=False)),
+        (layers.Conv(16, kernel_size=3), nn.Conv(16, (3, 3), use_bias=False)),
+    ],
+)
+def test_params_are_independent_of_impl(module, reference):
+  x, rng = jnp.zeros((2, 8, 8, 8)), jax.random.key(0)
+  xla = jax.jit(module.clone(impl="xla").init)(rng, x)
+  taps = jax.jit(module.clone(impl="taps").init)(rng, x)
+  assert jax.tree.structure(taps) == jax.tree.structure(xla)
+  for a, e in zip(jax.tree.leaves(taps), jax.tree.leaves(xla)):
+    assert a.dtype == e.dtype
+    np.testing.assert_array_equal(a, e)
+  expected = jax.eval_shape(reference.init, rng, x)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), taps) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), expected
+  )
+
+
+@pytest.mark.parametrize(
+    "make_module",
+    [
+        functools.partial(layers.DepthwiseConv, strides=2, padding="tf_same"),
+        functools.partial(layers.Conv, 16, kernel_size=1),
+    ],
+)
+def test_bfloat16_under_jit(make_module):
+  # bfloat16 rounds to ~4e-3 relative; the impls must agree to that precision
+  # and in every dtype (bfloat16 activations, float32 parameter gradients).
+  make = functools.partial(make_module, dtype=jnp.bfloat16)
+  x = _random((2, *HW, 8), seed=0, dtype=jnp.bfloat16)
+  _assert_taps_matches_xla(make, x, tol=2e-2)
+
+
+def test_auto_is_taps_on_cpu_only():
+  assert layers.resolve_conv_impl("auto", "cpu") == "taps"
+  assert layers.resolve_conv_impl("auto", "gpu") == "xla"

@@ -1,0 +1,107 @@
+"""End-to-end training on digits: learning, checkpoints, eval, devices, imports."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, SMOKE_CONFIG, run_main, tiny_config
+from mnv2_flax import checkpoint, train
+
+pytestmark = pytest.mark.slow
+
+
+def read_variables(workdir, step=None):
+  """params and batch_stats saved in WORKDIR/checkpoints (newest step by default)."""
+  state, step = checkpoint.read_checkpoint(os.path.join(workdir, "checkpoints"), step)
+  return {"params": state["params"], "batch_stats": state["batch_stats"]}, step
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("digits"))
+  config = tiny_config(**{"num_train_steps": 240, "log_every_steps": 40,
+                          "checkpoint_every_steps": 120})
+  results = train.train_and_evaluate(config, workdir)
+  return config, workdir, results
+
+
+def test_training_learns_digits(trained):
+  _, workdir, results = trained
+  assert results["top1"] > 0.6  # Chance is 0.1.
+  assert results["top5"] >= results["top1"]
+  assert results["num_examples"] == 360  # Every test example, none dropped.
+  assert results["step"] == 240
+  with open(os.path.join(workdir, "results.json")) as f:
+    saved = json.load(f)
+  assert set(saved) >= {"top1", "top5", "loss", "num_examples", "step", "wall_clock_s"}
+  assert saved["top1"] == results["top1"]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["120", "240"]
+
+
+def test_restore_and_evaluate_gives_identical_metrics(trained):
+  config, workdir, results = trained
+  evaluated = train.evaluate(config, workdir)
+  for key in ("top1", "top5", "loss", "num_examples"):
+    assert evaluated[key] == results[key], key
+  assert evaluated["step"] == 240
+
+
+def test_eval_mode_subprocess_on_four_devices(trained, tmp_path):
+  _, workdir, results = trained
+  proc = run_main([f"--config={SMOKE_CONFIG}", f"--workdir={tmp_path}",
+                   "--mode=eval", f"--config.checkpoint_path={workdir}/checkpoints"],
+                  devices=4)
+  evaluated = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert evaluated["num_examples"] == 360
+  assert evaluated["top1"] == pytest.approx(results["top1"], abs=1e-9)
+  assert evaluated["loss"] == pytest.approx(results["loss"], rel=1e-5)
+  assert json.loads((tmp_path / "results.json").read_text())["step"] == 240
+
+
+def test_four_devices_match_one_device(tmp_path):
+  # A small lr: at init the stem's gradient norm is ~100 (BatchNorm nets
+  # amplify gradients with depth), so a normal lr turns float-reordering
+  # noise into visible differences within steps, saying nothing about sharding.
+  args = [f"--config={SMOKE_CONFIG}", "--config.num_train_steps=3",
+          "--config.optimizer.warmup_epochs=0", "--config.optimizer.learning_rate=1e-4",
+          "--config.checkpoint_every_steps=3"]
+  run_main([*args, f"--workdir={tmp_path / 'one'}"], devices=1)
+  run_main([*args, f"--workdir={tmp_path / 'four'}"], devices=4)
+  one, _ = read_variables(str(tmp_path / "one"))
+  four, _ = read_variables(str(tmp_path / "four"))
+  # Same global batch and globally reduced BatchNorm statistics: only the
+  # order of floating-point reductions differs.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=5e-4),
+               one, four)
+
+
+def test_rerunning_the_command_resumes(tmp_path):
+  config = tiny_config(num_train_steps=4, checkpoint_every_steps=4)
+  first = train.train_and_evaluate(config, str(tmp_path))
+  assert first["step"] == 4
+  config.num_train_steps = 8
+  second = train.train_and_evaluate(config, str(tmp_path))
+  assert second["step"] == 8
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
+
+
+def test_checkpoint_from_another_model_names_the_shapes(trained, tmp_path):
+  _, workdir, _ = trained
+  config = tiny_config(**{"model.width_multiplier": 0.5,
+                          "checkpoint_path": f"{workdir}/checkpoints"})
+  with pytest.raises(checkpoint.CheckpointError, match="stem/kernel"):
+    train.evaluate(config, str(tmp_path))
+
+
+def test_model_and_train_import_without_tensorflow():
+  code = ("import sys, mnv2_flax.models, mnv2_flax.train, mnv2_flax.layers, "
+          "mnv2_flax.checkpoint, mnv2_flax.data\n"
+          "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+          "('tensorflow', 'tensorflow_datasets', 'keras'))\n"
+          "assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
