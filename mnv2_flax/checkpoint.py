@@ -9,6 +9,7 @@ checkpoint written on N devices restores on any other device count.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -16,8 +17,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mnv2_flax.errors import ConfigError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(ConfigError):
   """No usable checkpoint, or one that does not fit the configured model."""
 
 
@@ -55,7 +58,7 @@ class Checkpointer:
         self.directory, options=options,
         item_handlers=ocp.StandardCheckpointHandler())
     self._best = None
-    self._best_metric = best_metric
+    self._read_only = read_only
     if best_metric and not read_only:
       best_options = ocp.CheckpointManagerOptions(
           max_to_keep=1, create=True, cleanup_tmp_directories=True,
@@ -72,10 +75,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, *, force: bool = False) -> None:
+  def save(self, step: int, state: Any) -> None:
     if self._manager.latest_step() == step:  # Already saved (periodic + final).
       return
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    self._manager.save(step, args=ocp.args.StandardSave(state))
 
   def save_best(self, step: int, state: Any, metrics: Mapping[str, float]) -> None:
     if self._best is not None:
@@ -85,9 +88,10 @@ class Checkpointer:
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
     """Restores `step` (default: the newest good one) into `abstract_state`.
 
-    A checkpoint that fails to load (truncated, missing metadata) is skipped
-    with a warning in favour of the previous one. A checkpoint whose shapes do
-    not match the model raises CheckpointError listing every difference.
+    A checkpoint that fails to load (truncated file, missing metadata) is
+    moved to DIR_corrupt/ with a warning, and the previous one is tried, so
+    later saves of that step are not blocked. A checkpoint whose shapes do not
+    match the model raises CheckpointError listing the differences.
     """
     candidates = [step] if step is not None else self.all_steps()[::-1]
     if not candidates:
@@ -96,31 +100,33 @@ class Checkpointer:
     for candidate in candidates:
       try:
         saved = self._manager.item_metadata(candidate)
-      except Exception as e:  # pylint: disable=broad-except
-        saved, error = None, e
-      if saved is not None and hasattr(saved, "tree"):
-        saved = saved.tree
-      if saved is not None:
+        saved = getattr(saved, "tree", saved)
+        if not any(hasattr(leaf, "shape") for leaf in jax.tree.leaves(saved)):
+          raise ValueError("its array metadata is missing")
         mismatches = shape_mismatches(saved, abstract_state)
-        if mismatches:
-          raise CheckpointError(
-              f"checkpoint {self.directory}/{candidate} does not fit the "
-              f"configured model ({len(mismatches)} differences): "
-              + "; ".join(mismatches[:8])
-          )
-      try:
-        state = self._manager.restore(
-            candidate, args=ocp.args.StandardRestore(abstract_state)
-        )
-        return state, candidate
+        if not mismatches:
+          state = self._manager.restore(
+              candidate, args=ocp.args.StandardRestore(abstract_state))
+          return state, candidate
       except Exception as e:  # pylint: disable=broad-except
-        error = e
-      logging.warning("Checkpoint %s/%s is unreadable (%s); trying an older one.",
-                      self.directory, candidate, error)
-      failures.append(f"step {candidate}: {type(error).__name__}")
+        logging.warning("Checkpoint %s/%s is unreadable (%s: %s); trying an older one.",
+                        self.directory, candidate, type(e).__name__, e)
+        failures.append(f"step {candidate}: {type(e).__name__}")
+        self._quarantine(candidate)
+        continue
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{candidate} does not fit the configured "
+          f"model ({len(mismatches)} differences): " + "; ".join(mismatches[:8]))
     raise CheckpointError(
-        f"no readable checkpoint in {self.directory} ({', '.join(failures)})"
-    )
+        f"no readable checkpoint in {self.directory} ({', '.join(failures)})")
+
+  def _quarantine(self, step: int) -> None:
+    if self._read_only or jax.process_index() != 0:
+      return
+    target = os.path.join(self.directory + "_corrupt", str(step))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

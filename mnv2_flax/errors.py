@@ -3,3 +3,7 @@
 
 class ConfigError(ValueError):
   """A bad config value or input path; the message names the key or path."""
+
+
+class NonFiniteError(RuntimeError):
+  """Training produced a NaN/inf loss or gradient (not a user error: exit 1)."""

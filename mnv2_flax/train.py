@@ -30,7 +30,7 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mnv2_flax import checkpoint, config_lib, data, models
+from mnv2_flax import checkpoint, config_lib, data, errors, models
 
 Metrics = dict[str, jax.Array]
 
@@ -323,10 +323,6 @@ class PreemptionWatcher:
       signal.signal(sig, handler)
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
-
-
 def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer,
                     config: ml_collections.ConfigDict) -> TrainState:
   """Latest checkpoint of the workdir, else `checkpoint_path`'s weights, else init."""
@@ -371,40 +367,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("Training %d steps (%d per epoch) from step %d on %d devices.",
                s.num_steps, s.steps_per_epoch, start_step, jax.device_count())
 
-  pending: list[Metrics] = []
+  pending: list[Metrics] = []  # Step metrics not yet logged.
+  unchecked: list[tuple[int, jax.Array]] = []  # (step, non-finite flag) to inspect.
   interval_start = time.time()
   step = start_step
+
+  def check_finite() -> None:
+    """Raises on a non-finite step (so kept checkpoints never hold NaNs)
+    unless such updates are skipped by config."""
+    flags = jax.device_get([flag for _, flag in unchecked])
+    bad = [n for (n, _), flag in zip(unchecked, flags) if flag]
+    unchecked.clear()
+    if bad and not config.skip_nonfinite_updates:
+      last_good = ckpt.latest_step()
+      raise errors.NonFiniteError(
+          f"non-finite loss or gradients at step {bad[0]}; stopped at step {step}. "
+          "Last good checkpoint: "
+          + ("none" if last_good is None else f"{ckpt.directory}/{last_good}"))
+
   try:
     while step < s.num_steps:
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = s.train_step(state, s.shard(next(batches)))
       step += 1
       pending.append(metrics)
+      unchecked.append((step, metrics["nonfinite"]))
       for hook in hooks:
         hook(step)
       if step % config.log_every_steps == 0 or step == s.num_steps:
-        summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-                   for k in pending[0]}
-        if summary.pop("nonfinite") > 0 and not config.skip_nonfinite_updates:
-          last_good = ckpt.latest_step()
-          raise NonFiniteLossError(
-              f"non-finite loss or gradients within steps {step - len(pending) + 1}"
-              f"..{step}; last good checkpoint: "
-              f"{'none' if last_good is None else f'{ckpt.directory}/{last_good}'}")
-        elapsed = time.time() - interval_start
-        summary["images_per_s"] = len(pending) * config.global_batch_size / elapsed
+        check_finite()
+        fetched = jax.device_get(pending)
+        summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        summary["skipped_updates"] = summary.pop("nonfinite") * len(fetched)
+        summary["images_per_s"] = (
+            len(fetched) * config.global_batch_size / (time.time() - interval_start))
         writer.write_scalars(step, summary)
         pending, interval_start = [], time.time()
       if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < s.num_steps:
         evaluate_and_log(s, state, ckpt, writer, step)
-      if step % config.checkpoint_every_steps == 0:
+      preempted = preemption.should_stop(step)
+      if step % config.checkpoint_every_steps == 0 or preempted:
+        check_finite()
         ckpt.save(step, state)
-      if preemption.should_stop(step):
-        logging.warning("Preempted: saving step %d and exiting.", step)
-        ckpt.save(step, state, force=True)
-        ckpt.wait()
+      if preempted:
+        logging.warning("Preempted: saved step %d, exiting.", step)
         return {"preempted_at_step": step}
-    ckpt.save(step, state, force=True)
+    check_finite()
+    ckpt.save(step, state)
     results = evaluate_and_log(s, state, ckpt, writer, step)
     results.update(step=step, wall_clock_s=time.time() - start_time)
     write_results(workdir, results)
