@@ -20,6 +20,7 @@ def get_config():
   config.model.width_multiplier = 1.0
   config.model.stem_stride = 2
   config.optimizer.learning_rate = 0.01
+  config.optimizer.weight_decay = 4e-5
   config.optimizer.warmup_epochs = 1.0
   config.global_batch_size = 64
   config.eval_batch_size = 256

@@ -4,13 +4,13 @@ RMSProp (decay 0.9, momentum 0.9), initial lr 0.045 decayed x0.98 per epoch,
 weight decay 4e-5 (L2, depthwise kernels excluded as in TF-slim), BatchNorm
 decay 0.997, dropout 0.2, TF-style asymmetric "same" padding, random-resized
 crop + flip; eval on a 0.875 center crop. The paper trained 16 asynchronous
-workers with a batch of 96 each; this config uses a synchronous global batch of
-1536 (16 x 96) with lr 0.045 x 16 / 16 = 0.045 per 96 images scaled linearly
-(0.72) plus 5 warmup epochs. If you change global_batch_size, scale
+workers with a batch of 96 each; this config trains synchronously with a
+global batch of 1536 (16 x 96) and scales lr linearly (0.045 per 96 images ->
+0.72) behind 5 warmup epochs. If you change global_batch_size, scale
 optimizer.learning_rate by the same factor.
 Expected: 72.0 % top-1 (paper) after ~300 epochs; not reproduced by this
-project yet. Cost: 300 M multiply-adds per image; 300 epochs are ~1,000
-H100-hours at the throughput in docs/benchmarks.md.
+project yet. Cost: 300 M multiply-adds per image; 300 epochs are 384 M
+images, about 11 hours at 10,000 images/s (see docs/benchmarks.md).
 Data: manual download, see README "Training on ImageNet".
 Options: --config.optimizer.label_smoothing=0.1, --config.optimizer.schedule=cosine,
 --config.optimizer.name=sgd, --config.optimizer.ema_decay=0.9999.

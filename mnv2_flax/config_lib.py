@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "sgd"  # "sgd" (momentum) | "rmsprop".
-  config.optimizer.learning_rate = 0.2  # Peak lr at global_batch_size.
+  config.optimizer.learning_rate = 0.1  # Peak lr at global_batch_size.
   config.optimizer.momentum = 0.9
   config.optimizer.nesterov = True
   config.optimizer.rmsprop_decay = 0.9
@@ -59,18 +59,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.warmup_epochs = 0.5
   config.optimizer.decay_rate = 0.98  # exponential: lr *= decay_rate ...
   config.optimizer.decay_epochs = 1.0  # ... every decay_epochs.
-  config.optimizer.weight_decay = 4e-5  # L2, added to the gradient.
+  config.optimizer.weight_decay = 5e-4  # L2, added to the gradient.
   # Which parameters get weight decay: "kernels" (conv + dense kernels),
   # "kernels_except_depthwise" (TF-slim's MobileNet default), "all".
   config.optimizer.weight_decay_mask = "kernels"
   config.optimizer.label_smoothing = 0.0
   config.optimizer.ema_decay = 0.0  # > 0 keeps an EMA of weights for eval.
 
-  config.global_batch_size = 128
+  config.global_batch_size = 64
   config.eval_batch_size = 256  # Global; the last batch is padded, not dropped.
-  config.num_epochs = 12.0
+  config.num_epochs = 20.0
   config.num_train_steps = -1  # > 0 overrides num_epochs.
-  config.log_every_steps = 50
+  config.log_every_steps = 100
   config.eval_every_steps = -1  # <= 0: evaluate only at the end.
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3  # The last k; the best by `best_metric` is kept too.
