@@ -75,7 +75,8 @@ def test_sigterm_saves_at_step_boundary_and_resume_continues(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=3, read_only=True)
   assert ckpt.latest_step() == preempted
 
-  proc = start_main([*args[:1], "--config.num_train_steps=404", *args[2:]])
+  # Four more steps (a different schedule length, which resume allows).
+  proc = start_main([*args[:1], f"--config.num_train_steps={preempted + 4}", *args[2:]])
   _, stderr = proc.communicate(timeout=300)
   assert proc.returncode == 0, stderr[-2000:]
   assert f"at step {preempted}." in stderr  # "Resumed from ... at step N."
