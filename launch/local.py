@@ -1,21 +1,24 @@
 """Runs N processes of `mnv2_flax.main` on this machine as one JAX job.
 
   python -m launch.local --num_processes=2 --devices_per_process=2 -- \\
-      --workdir=/tmp/digits_mp --config.num_train_steps=100
+      --workdir=/tmp/digits_mp
 
 exercises the multi-host code path (global mesh, per-process data, collective
 checkpoints) without a cluster. Every flag after `--` goes to each process,
 which also gets --coordinator_address=localhost:PORT, --num_processes and
 --process_id. Output lines are prefixed with `[process_id]`.
 
-If a process fails, the others are killed (their collectives would wait for it
-forever) and the launcher exits with that process's status. SIGTERM or SIGINT
+If a process fails, the others are killed (they cannot go on without it) and
+the launcher exits with that process's status. SIGTERM or SIGINT
 (Ctrl-C) reaches every process as SIGTERM, JAX's preemption notice: they agree
 on a step, checkpoint it and exit 0, so re-running the command resumes. A
 second signal kills them.
 
-On a GPU machine one process already drives every GPU (see launch/__init__.py);
-to try this launcher there, run it with JAX_PLATFORMS=cpu.
+JAX's persistent compilation cache is switched off for multi-process CPU
+runs (see mnv2_flax/main.py): only process 0 would hit it, and a process that
+reaches the first collective 30 s after another fails gloo's rendezvous.
+On a GPU machine one process already drives every GPU (see
+launch/__init__.py); to try this launcher there, set JAX_PLATFORMS=cpu.
 """
 
 from __future__ import annotations

@@ -74,7 +74,12 @@ def initialize_jax(config) -> None:
                                FLAGS.process_id)
   elif FLAGS.jax_distributed_auto:
     jax.distributed.initialize()
-  if config.compilation_cache_dir:
+  if jax.process_count() > 1 and jax.default_backend() == "cpu":
+    # On CPU only process 0 hits the cache (per-process keys, process-0
+    # writes), so it would reach the first collective a whole compile ahead,
+    # past gloo's fixed 30 s rendezvous timeout.
+    jax.config.update("jax_enable_compilation_cache", False)
+  elif config.compilation_cache_dir:
     cache = os.path.expanduser(config.compilation_cache_dir)
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -37,14 +37,8 @@ def launch_two_processes(workdir: str, log: str) -> subprocess.Popen:
   """`launch.local` with 2 processes x 2 CPU devices, in the background."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  # No persistent compilation cache: JAX writes it from process 0 only and the
-  # CPU cache key differs per process, so process 0 would load its steps while
-  # process 1 compiles them, and reach the first collective past gloo's fixed
-  # 30 s rendezvous timeout.
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   command = [sys.executable, "-m", "launch.local", "--num_processes=2",
-             "--devices_per_process=2", "--", *TRAIN_FLAGS, f"--workdir={workdir}",
-             "--config.compilation_cache_dir="]
+             "--devices_per_process=2", "--", *TRAIN_FLAGS, f"--workdir={workdir}"]
   with open(log, "w") as f:
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=f,
                             stderr=subprocess.STDOUT)
