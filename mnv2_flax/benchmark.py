@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mnv2_flax import config_lib, layers, models, train
+from mnv2_flax import allocator, config_lib, layers, models, train
 
 Result = dict[str, Any]
 FRAMEWORKS = ("keras", "torch")
@@ -486,7 +486,8 @@ def main(argv: Sequence[str]) -> Result:
 
 
 def run() -> None:
-  """Console entry point (`mnv2-benchmark`)."""
+  """Console entry point (`mnv2-benchmark`): the same allocator as `main`."""
+  allocator.use_huge_page_malloc()
   main(sys.argv[1:])
 
 

@@ -161,3 +161,21 @@ def read_checkpoint(directory: str, step: int | None = None) -> tuple[dict[str, 
   target = jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
   return manager.restore(step, args=ocp.args.StandardRestore(target)), step
+
+
+def merge_matching(target: Any, source: Any) -> tuple[Any, list[str]]:
+  """`target` with every leaf that `source` has at the same path and shape
+  replaced by source's (fine-tuning: a new classifier keeps its init).
+  Returns the merged tree and the paths kept from `target`."""
+  source_leaves = {_path_str(p): leaf for p, leaf in
+                   jax.tree_util.tree_flatten_with_path(source)[0]}
+  kept = []
+
+  def pick(path, leaf):
+    other = source_leaves.get(_path_str(path))
+    if other is not None and np.shape(other) == np.shape(leaf):
+      return jax.numpy.asarray(other, leaf.dtype)
+    kept.append(_path_str(path))
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(pick, target), kept

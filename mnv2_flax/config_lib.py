@@ -75,7 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3  # The last k; the best by `best_metric` is kept too.
   config.best_metric = "top1"  # "" disables the best-checkpoint copy.
-  config.checkpoint_path = ""  # eval / fine-tune: restore this instead of workdir's.
+  # A checkpoints directory. --mode=eval evaluates it instead of WORKDIR's;
+  # training starts from its weights when WORKDIR has no checkpoint yet
+  # (fine-tuning: layers whose shape differs, e.g. the classifier, keep their
+  # fresh init; the optimizer starts fresh).
+  config.checkpoint_path = ""
   config.skip_nonfinite_updates = False
   config.compilation_cache_dir = os.path.join("~", ".cache", "mnv2_flax", "jax")
   config.profile_steps = 0  # > 0: trace this many steps after the first.

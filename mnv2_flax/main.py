@@ -20,10 +20,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mnv2_flax import config_lib, errors
+from mnv2_flax import allocator, config_lib, errors
 
 EXIT_USER_ERROR = 2
-HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -137,25 +136,9 @@ def main(argv: list[str]) -> None:
   print(json.dumps(results))
 
 
-def use_huge_page_malloc() -> None:
-  """Re-executes this command once with glibc's transparent-huge-page malloc.
-
-  XLA's CPU runtime allocates and frees large buffers every step; with 4 KiB
-  pages the train step spends a large share of its time in page faults.
-  glibc reads GLIBC_TUNABLES only at process start, hence the re-exec.
-  Opt out with MNV2_HUGE_PAGE_MALLOC=0.
-  """
-  tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if (not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in tunables
-      or os.environ.get("MNV2_HUGE_PAGE_MALLOC", "1") == "0"):
-    return
-  os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, HUGE_PAGE_MALLOC]))
-  os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
-
-
 def console_main() -> None:
   """Entry point of `python -m mnv2_flax.main` and `mnv2-train`."""
-  use_huge_page_malloc()
+  allocator.use_huge_page_malloc()
   run()
 
 

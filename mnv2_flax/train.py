@@ -331,12 +331,17 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer,
   if ckpt.latest_step() is not None:
     state, step = ckpt.restore(target)
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
-  elif config.checkpoint_path:
-    source = checkpoint.Checkpointer(config.checkpoint_path, keep=1, read_only=True)
-    restored, step = source.restore(target)
-    logging.info("Initialised weights from %s step %d.", source.directory, step)
-    state = state.replace(params=restored.params, batch_stats=restored.batch_stats,
-                          ema_params=restored.ema_params)
+  elif config.checkpoint_path:  # Fine-tuning: weights only, fresh optimizer.
+    saved, step = checkpoint.read_checkpoint(config.checkpoint_path)
+    variables, fresh = checkpoint.merge_matching(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        {"params": saved["params"], "batch_stats": saved["batch_stats"]})
+    logging.info("Initialised from %s step %d; newly initialised (shape differs "
+                 "or absent): %s", config.checkpoint_path, step, fresh or "none")
+    variables = jax.device_put(variables, s.replicated)
+    state = state.replace(
+        params=variables["params"], batch_stats=variables["batch_stats"],
+        ema_params=None if state.ema_params is None else variables["params"])
   return state
 
 

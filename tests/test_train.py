@@ -98,6 +98,24 @@ def test_checkpoint_from_another_model_names_the_shapes(trained, tmp_path):
     train.evaluate(config, str(tmp_path))
 
 
+def test_finetuning_restores_every_matching_weight(trained, tmp_path):
+  _, workdir, _ = trained
+  # 3-channel images and 5 classes: the stem and classifier cannot be reused.
+  config = tiny_config(**{"checkpoint_path": f"{workdir}/checkpoints",
+                          "dataset.name": "synthetic", "dataset.num_classes": 5})
+  s = train.setup(config)
+  state = train.restore_or_init(
+      s, checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=1), config)
+  saved, _ = checkpoint.read_checkpoint(f"{workdir}/checkpoints")
+  assert int(state.step) == 0
+  np.testing.assert_array_equal(state.params["block3"]["depthwise"]["kernel"],
+                                saved["params"]["block3"]["depthwise"]["kernel"])
+  np.testing.assert_array_equal(state.batch_stats["head_bn"]["mean"],
+                                saved["batch_stats"]["head_bn"]["mean"])
+  assert state.params["classifier"]["kernel"].shape[-1] == 5
+  assert state.params["stem"]["kernel"].shape[2] == 3
+
+
 def test_model_and_train_import_without_tensorflow():
   code = ("import sys, mnv2_flax.models, mnv2_flax.train, mnv2_flax.layers, "
           "mnv2_flax.checkpoint, mnv2_flax.data\n"
