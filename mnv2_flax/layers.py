@@ -263,6 +263,19 @@ DEPTHWISE_FNS: dict[str, Callable[..., Array]] = {
 # --- modules -------------------------------------------------------------------
 
 
+# He (fan-out) init, as torchvision's MobileNetV2.
+KERNEL_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def convolve(module: nn.Module, x: Array, kernel_shape: tuple[int, ...],
+             registry: dict[str, Callable[..., Array]]) -> Array:
+  """Creates `module`'s kernel and applies the implementation it names."""
+  kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
+  x, kernel = x.astype(module.dtype), kernel.astype(module.dtype)
+  pads = spatial_padding(module.padding, x.shape, module.kernel_size, module.strides)
+  return registry[resolve_conv_impl(module.impl)](x, kernel, module.strides, pads)
+
+
 class Conv(nn.Module):
   """Bias-free kxk convolution; parameters identical to `nn.Conv(use_bias=False)`."""
 
@@ -273,20 +286,12 @@ class Conv(nn.Module):
   impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  kernel_init: Callable[..., Array] = nn.initializers.variance_scaling(
-      2.0, "fan_out", "normal"
-  )
+  kernel_init: Callable[..., Array] = KERNEL_INIT
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     k = self.kernel_size
-    kernel = self.param(
-        "kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
-        self.param_dtype,
-    )
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    pads = spatial_padding(self.padding, x.shape, k, self.strides)
-    return CONV_FNS[resolve_conv_impl(self.impl)](x, kernel, self.strides, pads)
+    return convolve(self, x, (k, k, x.shape[-1], self.features), CONV_FNS)
 
 
 class DepthwiseConv(nn.Module):
@@ -299,18 +304,9 @@ class DepthwiseConv(nn.Module):
   impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  kernel_init: Callable[..., Array] = nn.initializers.variance_scaling(
-      2.0, "fan_out", "normal"
-  )
+  kernel_init: Callable[..., Array] = KERNEL_INIT
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    k, channels = self.kernel_size, x.shape[-1]
-    kernel = self.param(
-        "kernel", self.kernel_init, (k, k, 1, channels), self.param_dtype
-    )
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    pads = spatial_padding(self.padding, x.shape, k, self.strides)
-    impl = resolve_conv_impl(self.impl)
-    return DEPTHWISE_FNS[impl](x, kernel, self.strides, pads)
-
+    k = self.kernel_size
+    return convolve(self, x, (k, k, 1, x.shape[-1]), DEPTHWISE_FNS)
