@@ -64,20 +64,25 @@ def test_eval_mode_subprocess_on_four_devices(trained, tmp_path):
 
 
 def test_four_devices_match_one_device(tmp_path):
-  # A small lr: at init the stem's gradient norm is ~100 (BatchNorm nets
-  # amplify gradients with depth), so a normal lr turns float-reordering
-  # noise into visible differences within steps, saying nothing about sharding.
-  args = [f"--config={SMOKE_CONFIG}", "--config.num_train_steps=3",
-          "--config.optimizer.warmup_epochs=0", "--config.optimizer.learning_rate=1e-4",
-          "--config.checkpoint_every_steps=3"]
+  # Compared at step 2: warmup makes step 1's lr zero, so both updates use
+  # gradients at the initial parameters. Later steps would amplify float
+  # reordering chaotically (at init a 1e-7 relative change of the params moves
+  # the gradient by ~1 %), which says nothing about sharding.
+  args = [f"--config={SMOKE_CONFIG}", "--config.num_train_steps=2",
+          "--config.checkpoint_every_steps=2"]
   run_main([*args, f"--workdir={tmp_path / 'one'}"], devices=1)
   run_main([*args, f"--workdir={tmp_path / 'four'}"], devices=4)
   one, _ = read_variables(str(tmp_path / "one"))
   four, _ = read_variables(str(tmp_path / "four"))
   # Same global batch and globally reduced BatchNorm statistics: only the
   # order of floating-point reductions differs.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=5e-4),
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5),
                one, four)
+  # A 4-device checkpoint evaluates on 1 device.
+  evaluated = train.evaluate(
+      tiny_config(checkpoint_path=str(tmp_path / "four" / "checkpoints")),
+      str(tmp_path / "eval"))
+  assert evaluated["num_examples"] == 360 and evaluated["step"] == 2
 
 
 def test_rerunning_the_command_resumes(tmp_path):
@@ -94,7 +99,9 @@ def test_checkpoint_from_another_model_names_the_shapes(trained, tmp_path):
   _, workdir, _ = trained
   config = tiny_config(**{"model.width_multiplier": 0.5,
                           "checkpoint_path": f"{workdir}/checkpoints"})
-  with pytest.raises(checkpoint.CheckpointError, match="stem/kernel"):
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"does not fit the configured model .*params/block1/project/"
+                           r"kernel: checkpoint \(1, 1, 48, 8\) vs model \(1, 1, 48, 16\)"):
     train.evaluate(config, str(tmp_path))
 
 
