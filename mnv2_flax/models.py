@@ -209,11 +209,3 @@ def count_macs(model: nn.Module, variables: Any, image_shape: Sequence[int]) -> 
         jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
     )
   return total
-
-
-def check_bottleneck(bottleneck: str) -> None:
-  if bottleneck not in BOTTLENECKS:
-    raise ValueError(
-        f"model.bottleneck must be one of {BOTTLENECKS}, got {bottleneck!r}"
-    )
-
