@@ -323,15 +323,20 @@ class PreemptionWatcher:
       signal.signal(sig, handler)
 
 
+def abstract_state(s: Setup) -> TrainState:
+  """The TrainState's shapes, dtypes and shardings, without computing it."""
+  return checkpoint.abstract(jax.eval_shape(s.init_state), s.replicated)
+
+
 def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer,
                     config: ml_collections.ConfigDict) -> TrainState:
   """Latest checkpoint of the workdir, else `checkpoint_path`'s weights, else init."""
-  state = s.init_state()
-  target = checkpoint.abstract(state, s.replicated)
   if ckpt.latest_step() is not None:
-    state, step = ckpt.restore(target)
+    state, step = ckpt.restore(abstract_state(s))
     logging.info("Resumed from %s at step %d.", ckpt.directory, step)
-  elif config.checkpoint_path:  # Fine-tuning: weights only, fresh optimizer.
+    return state
+  state = s.init_state()
+  if config.checkpoint_path:  # Fine-tuning: weights only, fresh optimizer.
     saved, step = checkpoint.read_checkpoint(config.checkpoint_path)
     variables, fresh = checkpoint.merge_matching(
         {"params": state.params, "batch_stats": state.batch_stats},
@@ -448,7 +453,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise checkpoint.CheckpointError(f"no checkpoint to evaluate: {directory} does not exist")
   s = setup(config)
   ckpt = checkpoint.Checkpointer(directory, keep=1, read_only=True)
-  state, step = ckpt.restore(checkpoint.abstract(s.init_state(), s.replicated))
+  state, step = ckpt.restore(abstract_state(s))
   results = evaluate_dataset(s, state)
   results.update(step=step, wall_clock_s=time.time() - start_time,
                  checkpoint=os.path.join(ckpt.directory, str(step)))
