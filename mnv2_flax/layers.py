@@ -9,11 +9,14 @@ the same parameters (`kernel` of shape (k, k, 1, C) for depthwise and
 checkpoint trained with one implementation restores into any other.
 
 Implementations:
-  "xla":  `lax.conv_general_dilated` everywhere (best on GPU/TPU).
+  "xla":  `lax.conv_general_dilated` everywhere, BatchNorm by autodiff (best
+          on GPU/TPU).
   "taps": depthwise as k*k shifted multiply-adds with a hand-written VJP,
-          1x1 convs as one 2-D matmul, kxk convs as im2col + matmul (best on
-          CPU for training).
+          1x1 convs as one 2-D matmul, kxk convs as im2col + matmul, and
+          BatchNorm with a hand-written VJP (best on CPU for training).
   "auto": "taps" on CPU, "xla" on every other backend.
+
+`BatchNorm` likewise creates exactly `flax.linen.BatchNorm`'s variables.
 """
 
 from __future__ import annotations
@@ -190,9 +193,11 @@ def _depthwise_kernel_grad(
 
   One variadic reduce yields all k*k per-channel sums in a single fused pass
   over g and x; k*k separate `sum`s would each materialise a shifted copy.
-  It reduces over H and W only, then over N: XLA:CPU emits a fused reduce as
-  a loop over outputs, and reducing N too makes every channel stride through
-  the whole batch, which measured ~4x slower at stride 1.
+  XLA:CPU emits a fused reduce as a loop over its outputs, each output
+  striding through the reduced values, so the reduce covers W only (output
+  (N, H, C) per tap) and a plain sum over N and H follows: in the train step
+  this measured ~7% faster than reducing H and W together, which in turn is
+  ~4x faster than reducing N, H and W at once.
   """
   k_h, k_w = kernel_shape[:2]
   xp = _pad_hw(x, pads).astype(jnp.float32)
@@ -206,9 +211,9 @@ def _depthwise_kernel_grad(
       products,
       (jnp.float32(0),) * len(products),
       lambda a, b: tuple(u + v for u, v in zip(a, b)),
-      (1, 2),
+      (2,),
   )
-  return jnp.stack(sums).sum(axis=1).reshape(kernel_shape)
+  return jnp.stack(sums).sum(axis=(1, 2)).reshape(kernel_shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -252,11 +257,79 @@ def dot_conv(x: Array, kernel: Array, stride: int, pads: Padding) -> Array:
   return y.reshape(*patches.shape[:3], c_out)
 
 
+# --- BatchNorm -----------------------------------------------------------------
+
+_NHW = (0, 1, 2)  # BatchNorm reduces over batch and space, per channel.
+
+
+def batch_norm(
+    x: Array, scale: Array, bias: Array, epsilon: float
+) -> tuple[Array, Array, Array]:
+  """Training-mode BatchNorm of NHWC `x`: (output, batch mean, batch variance).
+
+  Statistics in float32 from E[x] and E[x^2] (flax's default "fast
+  variance"); the output has x's dtype.
+  """
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, _NHW)
+  var = jnp.maximum(jnp.mean(xf * xf, _NHW) - mean * mean, 0.0)
+  y = (xf - mean) * (scale * lax.rsqrt(var + epsilon)) + bias
+  return y.astype(x.dtype), mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def fused_batch_norm(
+    x: Array, scale: Array, bias: Array, epsilon: float
+) -> tuple[Array, Array, Array]:
+  return batch_norm(x, scale, bias, epsilon)
+
+
+def _fused_batch_norm_fwd(x, scale, bias, epsilon):
+  y, mean, var = batch_norm(x, scale, bias, epsilon)
+  return (y, mean, var), (x, scale, mean, lax.rsqrt(var + epsilon))
+
+
+def _fused_batch_norm_bwd(epsilon, residuals, cotangents):
+  """Two reductions and one elementwise pass over x.
+
+  Autodiff of `batch_norm` writes x - mean as a whole tensor and reduces
+  three times; on CPU BatchNorm then costs as much as the depthwise
+  convolutions. With a = scale * rstd and M values per channel,
+    dx = a * (g - sum(g) / M) - a * rstd^2 * sum(g * (x - mean)) / M * (x - mean)
+         + d_mean / M + 2 * d_var * (x - mean) / M,
+  where the last two terms carry the cotangents of the returned statistics
+  (zero when those only update the running averages). Everything is written
+  in terms of x, not x - mean: XLA would otherwise materialise x - mean for
+  its several consumers. sum(g * (x - mean)) = sum(g * x) - mean * sum(g)
+  cancels no worse than the forward's E[x^2] - E[x]^2.
+  """
+  del epsilon
+  x, scale, mean, rstd = residuals
+  g, d_mean, d_var = cotangents
+  count = x.size // x.shape[-1]
+  xf, gf = x.astype(jnp.float32), g.astype(jnp.float32)
+  sum_g = jnp.sum(gf, _NHW)
+  sum_g_xc = jnp.sum(gf * xf, _NHW) - mean * sum_g
+  a = scale * rstd
+  x_coeff = (2.0 * d_var - a * rstd * rstd * sum_g_xc) / count
+  offset = (d_mean - a * sum_g) / count - x_coeff * mean
+  dx = a * gf + x_coeff * xf + offset
+  return dx.astype(x.dtype), sum_g_xc * rstd, sum_g
+
+
+fused_batch_norm.defvjp(_fused_batch_norm_fwd, _fused_batch_norm_bwd)
+
+
 # Registries: impl name -> compute function(x, kernel, stride, pads).
 CONV_FNS: dict[str, Callable[..., Array]] = {"xla": xla_conv, "taps": dot_conv}
 DEPTHWISE_FNS: dict[str, Callable[..., Array]] = {
     "xla": xla_depthwise_conv,
     "taps": taps_depthwise_conv,
+}
+# impl name -> function(x, scale, bias, epsilon) -> (y, mean, var).
+BATCH_NORM_FNS: dict[str, Callable[..., tuple[Array, Array, Array]]] = {
+    "xla": batch_norm,
+    "taps": fused_batch_norm,
 }
 
 
@@ -310,3 +383,41 @@ class DepthwiseConv(nn.Module):
   def __call__(self, x: Array) -> Array:
     k = self.kernel_size
     return convolve(self, x, (k, k, 1, x.shape[-1]), DEPTHWISE_FNS)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over NHWC inputs with `flax.linen.BatchNorm`'s variables.
+
+  params `scale`, `bias` and batch_stats `mean`, `var` (float32), updated as
+  flax does: `ra = momentum * ra + (1 - momentum) * batch_value`, not while
+  initialising. Under jit over a batch-sharded input the statistics are those
+  of the global batch (XLA inserts the cross-device reductions).
+  """
+
+  use_running_average: bool = False
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  impl: str = "auto"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = (x.shape[-1],)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+    scale = self.param("scale", nn.initializers.ones, features, self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, features, self.param_dtype)
+    scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
+    x = x.astype(self.dtype)
+    if self.use_running_average:
+      rstd = lax.rsqrt(ra_var.value + self.epsilon)
+      y = (x.astype(jnp.float32) - ra_mean.value) * (scale * rstd) + bias
+      return y.astype(self.dtype)
+    fn = BATCH_NORM_FNS[resolve_conv_impl(self.impl)]
+    y, mean, var = fn(x, scale, bias, self.epsilon)
+    if not self.is_initializing():
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1 - m) * lax.stop_gradient(mean)
+      ra_var.value = m * ra_var.value + (1 - m) * lax.stop_gradient(var)
+    return y

@@ -112,10 +112,11 @@ class MobileNetV2(nn.Module):
     # BatchNorm statistics are reduced over the whole (global) batch: under
     # jit over a sharded batch XLA inserts the cross-device reduction.
     norm = functools.partial(
-        nn.BatchNorm,
+        layers.BatchNorm,
         use_running_average=not train,
         momentum=self.bn_momentum,
         epsilon=self.bn_epsilon,
+        impl=self.conv_impl,
         dtype=self.dtype,
     )
     block = nn.remat(InvertedResidual) if self.remat else InvertedResidual

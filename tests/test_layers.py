@@ -112,3 +112,60 @@ def test_bfloat16_under_jit(make_module):
 def test_auto_is_taps_on_cpu_only():
   assert layers.resolve_conv_impl("auto", "cpu") == "taps"
   assert layers.resolve_conv_impl("auto", "gpu") == "xla"
+
+
+def _batch_norm_step(module, variables, x, cotangent):
+  """Train-mode output, updated running statistics and the gradients w.r.t.
+  the params and x of <output, cotangent>."""
+
+  def forward(params, x):
+    y, updates = module.apply({**variables, "params": params}, x,
+                              mutable=["batch_stats"])
+    return y, updates["batch_stats"]
+
+  y, vjp, stats = jax.vjp(forward, variables["params"], x, has_aux=True)
+  return y, stats, vjp(cotangent)
+
+
+@pytest.mark.parametrize("impl", ["xla", "taps"])
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_batch_norm_matches_flax(impl, dtype, tol):
+  # An offset mean and uneven scale exercise the variance and centring terms.
+  x = (3.0 + 2.0 * _random((4, *HW, 8), seed=0)).astype(dtype)
+  kwargs = dict(momentum=0.9, epsilon=1e-3, dtype=dtype)
+  ours = layers.BatchNorm(impl=impl, **kwargs)
+  flax_bn = nn.BatchNorm(use_running_average=False, **kwargs)
+  variables = jax.jit(ours.init)(jax.random.key(0), x)
+  reference = jax.jit(flax_bn.init)(jax.random.key(0), x)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), variables) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), reference)
+  variables = jax.tree.map(
+      lambda v: v + _random(v.shape, seed=v.size, dtype=v.dtype) ** 2, variables)
+  cotangent = _random(x.shape, seed=3, dtype=dtype)
+  step = jax.jit(_batch_norm_step, static_argnums=0)
+  actual = step(ours, variables, x, cotangent)
+  expected = step(flax_bn, variables, x, cotangent)
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    assert a.shape == e.shape and a.dtype == e.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32),
+                               np.asarray(e, np.float32), tol, tol)
+  eval_ours = ours.clone(use_running_average=True).apply(variables, x)
+  eval_flax = flax_bn.clone(use_running_average=True).apply(variables, x)
+  np.testing.assert_allclose(np.asarray(eval_ours, np.float32),
+                             np.asarray(eval_flax, np.float32), tol, tol)
+
+
+def test_fused_batch_norm_gradient_of_statistics():
+  # The running averages never get a gradient in training, but the VJP must
+  # still be right when someone differentiates the batch statistics.
+  x = 1.0 + _random((2, *HW, 8), seed=0)
+  scale, bias = _random((8,), seed=1), _random((8,), seed=2)
+  cotangents = tuple(_random(shape, seed=3 + i)
+                     for i, shape in enumerate([x.shape, (8,), (8,)]))
+
+  def vjp(fn):
+    return jax.vjp(lambda *a: fn(*a, 1e-3), x, scale, bias)[1](cotangents)
+
+  for a, e in zip(vjp(layers.fused_batch_norm), vjp(layers.batch_norm)):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
