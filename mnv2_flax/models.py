@@ -49,6 +49,20 @@ def relu6(x: jax.Array) -> jax.Array:
   return jnp.minimum(jnp.maximum(x, 0), 6)
 
 
+def pointwise_conv_norm(conv: ModuleDef, norm: ModuleDef, x: jax.Array,
+                        features: int, name: str) -> jax.Array:
+  """1x1 conv `name` then norm `name + "_bn"`. A `layers.BatchNorm` also gets
+  the conv's input and kernel, so that it may fuse the two; the parameters
+  are those of the separate layers either way."""
+  pointwise = conv(features, name=name)
+  y = pointwise(x)
+  normalize = norm(name=f"{name}_bn")
+  if not isinstance(normalize, layers.BatchNorm):
+    return normalize(y)
+  return normalize(y, pointwise_input=x,
+                   pointwise_kernel=pointwise.variables["params"]["kernel"])
+
+
 class InvertedResidual(nn.Module):
   """Expand (1x1) -> depthwise (3x3) -> project (1x1), linear bottleneck."""
 
@@ -65,12 +79,11 @@ class InvertedResidual(nn.Module):
     in_channels = x.shape[-1]
     y = x
     if self.expansion != 1:
-      y = self.conv(in_channels * self.expansion, name="expand")(y)
-      y = relu6(self.norm(name="expand_bn")(y))
+      y = relu6(pointwise_conv_norm(self.conv, self.norm, y,
+                                    in_channels * self.expansion, "expand"))
     y = self.depthwise_conv(strides=self.stride, name="depthwise")(y)
     y = relu6(self.norm(name="depthwise_bn")(y))
-    y = self.conv(self.out_channels, name="project")(y)
-    y = self.norm(name="project_bn")(y)
+    y = pointwise_conv_norm(self.conv, self.norm, y, self.out_channels, "project")
     if self.bottleneck == "relu6":  # The paper's non-linear-bottleneck ablation.
       y = relu6(y)
     if self.stride == 1 and in_channels == self.out_channels:
@@ -145,8 +158,7 @@ class MobileNetV2(nn.Module):
         )(x)
         index += 1
     last_channels = make_divisible(1280 * max(1.0, self.width_multiplier))
-    x = conv(last_channels, name="head")(x)
-    x = relu6(norm(name="head_bn")(x))
+    x = relu6(pointwise_conv_norm(conv, norm, x, last_channels, "head"))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
