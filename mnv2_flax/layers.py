@@ -99,11 +99,11 @@ def xla_depthwise_conv(
 
 
 def _out_hw(
-    x: Array, kernel: Array, stride: int, pads: Padding
+    x: Array, kernel_hw: Sequence[int], stride: int, pads: Padding
 ) -> tuple[int, int]:
   h, w = (
       (size + lo + hi - k) // stride + 1
-      for size, (lo, hi), k in zip(x.shape[1:3], pads, kernel.shape[:2])
+      for size, (lo, hi), k in zip(x.shape[1:3], pads, kernel_hw)
   )
   return h, w
 
@@ -135,7 +135,7 @@ def _tap_sum(x: Array, kernel: Array, stride: int, pads: Padding) -> Array:
   sub-kernels). Accumulates in float32, so bfloat16 inputs round only once.
   """
   k_h, k_w = kernel.shape[:2]
-  out_hw = _out_hw(x, kernel, stride, pads)
+  out_hw = _out_hw(x, kernel.shape[:2], stride, pads)
   xp = _pad_hw(x, pads).astype(jnp.float32)
   kernel = kernel.astype(jnp.float32)
   acc = jnp.zeros((x.shape[0], *out_hw, x.shape[3]), jnp.float32)
@@ -245,16 +245,22 @@ def dot_conv(x: Array, kernel: Array, stride: int, pads: Padding) -> Array:
   3x3 stem, im2col trains ~10% faster than `lax.conv` (its forward pass alone
   is ~1.7x slower: building the 27-channel patches dominates).
   """
-  k_h, k_w, c_in, c_out = kernel.shape
-  out_hw = _out_hw(x, kernel, stride, pads)
+  patches = im2col(x, kernel.shape, stride, pads)
+  y = jnp.dot(patches.reshape(-1, patches.shape[-1]),
+              kernel.reshape(-1, kernel.shape[-1]))
+  return y.reshape(*patches.shape[:3], kernel.shape[-1])
+
+
+def im2col(x: Array, kernel_shape: Sequence[int], stride: int,
+           pads: Padding) -> Array:
+  """(N, H_out, W_out, k_h * k_w * C_in) patches: the conv is then
+  `patches @ kernel.reshape(-1, C_out)`. For 1x1 kernels just x, strided."""
+  k_h, k_w = kernel_shape[:2]
+  out_hw = _out_hw(x, kernel_shape[:2], stride, pads)
   xp = _pad_hw(x, pads)
   # Channel order (i, j, c_in) matches the row order of the HWIO reshape.
-  patches = jnp.concatenate(
-      [_tap(xp, i, j, stride, out_hw) for i in range(k_h) for j in range(k_w)],
-      axis=-1,
-  )
-  y = jnp.dot(patches.reshape(-1, k_h * k_w * c_in), kernel.reshape(-1, c_out))
-  return y.reshape(*patches.shape[:3], c_out)
+  taps = [_tap(xp, i, j, stride, out_hw) for i in range(k_h) for j in range(k_w)]
+  return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
 
 
 # --- BatchNorm -----------------------------------------------------------------
@@ -320,7 +326,7 @@ def _fused_batch_norm_bwd(epsilon, residuals, cotangents):
 fused_batch_norm.defvjp(_fused_batch_norm_fwd, _fused_batch_norm_bwd)
 
 
-def _pointwise_stats(
+def _matmul_stats(
     x_in: Array, kernel: Array
 ) -> tuple[Array, Array, Array, Array]:
   """Column sums and Gram matrix of x_in, and the per-channel mean and
@@ -334,12 +340,12 @@ def _pointwise_stats(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def pointwise_conv_batch_norm(
+def conv_batch_norm(
     x_in: Array, kernel: Array, scale: Array, bias: Array, epsilon: float
 ) -> tuple[Array, Array, Array]:
   """`batch_norm(x_in @ kernel, ...)` for 2-D float32 x_in (M, K) and kernel
-  (K, C) with K <= C: the expansion 1x1 convs, whose output is 6x wider
-  than their input.
+  (K, C) with K <= C: a conv as a matmul whose output is wider than its
+  input (the expansion 1x1 convs: 6x; the stem's 27 patch channels: 32).
 
   The statistics come from x_in's Gram matrix (K x K) and the normalisation
   folds into the matmul, so the wide pre-BatchNorm tensor is never written
@@ -347,18 +353,18 @@ def pointwise_conv_batch_norm(
   the two-step version passes over (M, C) tensors eight times in the
   backward pass, this one passes three times (two matmuls, one sum).
   """
-  return _pointwise_conv_batch_norm_fwd(x_in, kernel, scale, bias, epsilon)[0]
+  return _conv_batch_norm_fwd(x_in, kernel, scale, bias, epsilon)[0]
 
 
-def _pointwise_conv_batch_norm_fwd(x_in, kernel, scale, bias, epsilon):
-  col_sum, gram, mean, var = _pointwise_stats(x_in, kernel)
+def _conv_batch_norm_fwd(x_in, kernel, scale, bias, epsilon):
+  col_sum, gram, mean, var = _matmul_stats(x_in, kernel)
   rstd = lax.rsqrt(var + epsilon)
   a = scale * rstd
   y = jnp.dot(x_in, kernel * a) + (bias - mean * a)
   return (y, mean, var), (x_in, kernel, scale, col_sum, gram, mean, rstd)
 
 
-def _pointwise_conv_batch_norm_bwd(epsilon, residuals, cotangents):
+def _conv_batch_norm_bwd(epsilon, residuals, cotangents):
   """`_fused_batch_norm_bwd` with x = x_in @ kernel substituted:
   sum(g * x) = colsum(kernel * (x_in^T g)), and dx_bn = a g + c x + o
   reaches x_in and the kernel as g (a kernel^T) + x_in (kernel c kernel^T)
@@ -379,8 +385,8 @@ def _pointwise_conv_batch_norm_bwd(epsilon, residuals, cotangents):
   return d_x_in, d_kernel, sum_g_xc * rstd, sum_g
 
 
-pointwise_conv_batch_norm.defvjp(
-    _pointwise_conv_batch_norm_fwd, _pointwise_conv_batch_norm_bwd)
+conv_batch_norm.defvjp(
+    _conv_batch_norm_fwd, _conv_batch_norm_bwd)
 
 
 # Registries: impl name -> compute function(x, kernel, stride, pads).
@@ -429,6 +435,13 @@ class Conv(nn.Module):
     k = self.kernel_size
     return convolve(self, x, (k, k, x.shape[-1], self.features), CONV_FNS)
 
+  def matmul_input(self, x: Array) -> Array:
+    """The patches P with `self(x) == P @ kernel.reshape(-1, features)`."""
+    x = x.astype(self.dtype)
+    k = self.kernel_size
+    pads = spatial_padding(self.padding, x.shape, k, self.strides)
+    return im2col(x, (k, k), self.strides, pads)
+
 
 class DepthwiseConv(nn.Module):
   """Bias-free depthwise kxk convolution; parameters identical to
@@ -465,12 +478,13 @@ class BatchNorm(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, pointwise_input: Array | None = None,
-               pointwise_kernel: Array | None = None) -> Array:
-    """Normalises x. When x is a 1x1 convolution, `pointwise_input @
-    pointwise_kernel` (NHWC input, (1, 1, K, C) kernel), pass those too: the
-    "taps" impl then fuses the two (`pointwise_conv_batch_norm`) where that
-    measured faster, and x itself is dead code under jit."""
+  def __call__(self, x: Array, matmul_input: Array | None = None,
+               matmul_kernel: Array | None = None) -> Array:
+    """Normalises x. When x is a convolution written as a matmul, x =
+    `matmul_input @ matmul_kernel.reshape(-1, C)` (NHWC patches, HWIO
+    kernel; see `Conv.matmul_input`), pass those too: the "taps" impl then
+    fuses the two (`conv_batch_norm`) where that measured faster (K <= C:
+    the stem and the expansion convs), and x itself is dead code under jit."""
     features = (x.shape[-1],)
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
@@ -483,13 +497,12 @@ class BatchNorm(nn.Module):
       y = (x.astype(jnp.float32) - ra_mean.value) * (scale * rstd) + bias
       return y.astype(self.dtype)
     impl = resolve_conv_impl(self.impl)
-    if (impl == "taps" and pointwise_input is not None
+    if (impl == "taps" and matmul_input is not None
         and self.dtype == jnp.float32
-        and pointwise_kernel.shape[2] <= pointwise_kernel.shape[3]):
-      x_in = pointwise_input.astype(jnp.float32)
-      y, mean, var = pointwise_conv_batch_norm(
-          x_in.reshape(-1, x_in.shape[-1]),
-          pointwise_kernel.astype(jnp.float32).reshape(pointwise_kernel.shape[2:]),
+        and matmul_input.shape[-1] <= x.shape[-1]):
+      y, mean, var = conv_batch_norm(
+          matmul_input.astype(jnp.float32).reshape(-1, matmul_input.shape[-1]),
+          matmul_kernel.astype(jnp.float32).reshape(-1, x.shape[-1]),
           scale, bias, self.epsilon)
       y = y.reshape(x.shape)
     else:

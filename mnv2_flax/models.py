@@ -49,18 +49,18 @@ def relu6(x: jax.Array) -> jax.Array:
   return jnp.minimum(jnp.maximum(x, 0), 6)
 
 
-def pointwise_conv_norm(conv: ModuleDef, norm: ModuleDef, x: jax.Array,
-                        features: int, name: str) -> jax.Array:
-  """1x1 conv `name` then norm `name + "_bn"`. A `layers.BatchNorm` also gets
-  the conv's input and kernel, so that it may fuse the two; the parameters
-  are those of the separate layers either way."""
-  pointwise = conv(features, name=name)
-  y = pointwise(x)
+def conv_norm(conv: ModuleDef, norm: ModuleDef, x: jax.Array, features: int,
+              name: str, **conv_kwargs: Any) -> jax.Array:
+  """Conv `name` then norm `name + "_bn"`. A `layers.BatchNorm` also gets the
+  conv as a matmul (input patches and kernel), so that it may fuse the two;
+  the parameters are those of the separate layers either way."""
+  convolution = conv(features, name=name, **conv_kwargs)
+  y = convolution(x)
   normalize = norm(name=f"{name}_bn")
   if not isinstance(normalize, layers.BatchNorm):
     return normalize(y)
-  return normalize(y, pointwise_input=x,
-                   pointwise_kernel=pointwise.variables["params"]["kernel"])
+  return normalize(y, matmul_input=convolution.matmul_input(x),
+                   matmul_kernel=convolution.variables["params"]["kernel"])
 
 
 class InvertedResidual(nn.Module):
@@ -79,11 +79,11 @@ class InvertedResidual(nn.Module):
     in_channels = x.shape[-1]
     y = x
     if self.expansion != 1:
-      y = relu6(pointwise_conv_norm(self.conv, self.norm, y,
-                                    in_channels * self.expansion, "expand"))
+      y = relu6(conv_norm(self.conv, self.norm, y, in_channels * self.expansion,
+                          "expand"))
     y = self.depthwise_conv(strides=self.stride, name="depthwise")(y)
     y = relu6(self.norm(name="depthwise_bn")(y))
-    y = pointwise_conv_norm(self.conv, self.norm, y, self.out_channels, "project")
+    y = conv_norm(self.conv, self.norm, y, self.out_channels, "project")
     if self.bottleneck == "relu6":  # The paper's non-linear-bottleneck ablation.
       y = relu6(y)
     if self.stride == 1 and in_channels == self.out_channels:
@@ -134,13 +134,8 @@ class MobileNetV2(nn.Module):
     )
     block = nn.remat(InvertedResidual) if self.remat else InvertedResidual
 
-    x = conv(
-        make_divisible(32 * self.width_multiplier),
-        kernel_size=3,
-        strides=self.stem_stride,
-        name="stem",
-    )(x)
-    x = relu6(norm(name="stem_bn")(x))
+    x = relu6(conv_norm(conv, norm, x, make_divisible(32 * self.width_multiplier),
+                        "stem", kernel_size=3, strides=self.stem_stride))
     index = 0
     for (t, c, n, _), stride in zip(
         INVERTED_RESIDUAL_SETTING, self.stage_strides, strict=True
@@ -158,7 +153,7 @@ class MobileNetV2(nn.Module):
         )(x)
         index += 1
     last_channels = make_divisible(1280 * max(1.0, self.width_multiplier))
-    x = relu6(pointwise_conv_norm(conv, norm, x, last_channels, "head"))
+    x = relu6(conv_norm(conv, norm, x, last_channels, "head"))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)

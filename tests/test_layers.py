@@ -171,20 +171,25 @@ def test_fused_batch_norm_gradient_of_statistics():
     np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("in_channels, out_channels", [(8, 48), (48, 8)])
-def test_pointwise_conv_batch_norm_matches_two_steps(in_channels, out_channels):
-  # Expansion (8 -> 48) takes the fused path on "taps"; projection (48 -> 8)
-  # and "xla" run conv, then BatchNorm. All must agree: outputs, running
-  # statistics and gradients w.r.t. the input, the kernel, scale and bias.
+@pytest.mark.parametrize(
+    "kernel_size, stride, in_channels, out_channels",
+    [(1, 1, 8, 48), (1, 1, 48, 8), (3, 2, 3, 32)],
+)
+def test_conv_batch_norm_matches_two_steps(kernel_size, stride, in_channels,
+                                           out_channels):
+  # Expansion (8 -> 48) and the stem (27 patch channels -> 32) take the
+  # fused path on "taps"; projection (48 -> 8) and "xla" run conv, then
+  # BatchNorm. All must agree: outputs, running statistics and gradients
+  # w.r.t. the input, the kernel, scale and bias.
   x = 1.0 + _random((4, *HW, in_channels), seed=0)
-  conv = layers.Conv(out_channels, kernel_size=1)
+  conv = layers.Conv(out_channels, kernel_size=kernel_size, strides=stride)
   norm = layers.BatchNorm(momentum=0.9)
 
   def conv_norm(impl, conv_params, norm_variables, x):
-    y = conv.clone(impl=impl).apply(conv_params, x)
+    bound = conv.clone(impl=impl).bind(conv_params)
     out, updates = norm.clone(impl=impl).apply(
-        norm_variables, y, pointwise_input=x,
-        pointwise_kernel=conv_params["params"]["kernel"], mutable=["batch_stats"])
+        norm_variables, bound(x), matmul_input=bound.matmul_input(x),
+        matmul_kernel=conv_params["params"]["kernel"], mutable=["batch_stats"])
     return out, updates["batch_stats"]
 
   conv_params = jax.tree.map(lambda p: _random(p.shape, seed=1),
@@ -192,8 +197,7 @@ def test_pointwise_conv_batch_norm_matches_two_steps(in_channels, out_channels):
   norm_variables = norm.init(jax.random.key(0), conv.apply(conv_params, x))
   norm_variables["params"] = jax.tree.map(
       lambda p: 1.0 + _random(p.shape, seed=p.size), norm_variables["params"])
-  cotangent = _random((4, *HW, out_channels), seed=3)
-
+  cotangent = _random(conv.apply(conv_params, x).shape, seed=3)
   outputs = {}
   for impl in ("xla", "taps"):
     f = functools.partial(conv_norm, impl)
