@@ -12,8 +12,11 @@ Implementations:
   "xla":  `lax.conv_general_dilated` everywhere, BatchNorm by autodiff (best
           on GPU/TPU).
   "taps": depthwise as k*k shifted multiply-adds with a hand-written VJP,
-          1x1 convs as one 2-D matmul, kxk convs as im2col + matmul, and
-          BatchNorm with a hand-written VJP (best on CPU for training).
+          1x1 convs as one 2-D matmul, kxk convs as im2col + matmul,
+          BatchNorm with a hand-written VJP, and a conv that widens its
+          input fused with the BatchNorm after it (`conv_batch_norm`; best
+          on CPU for training, where every pass over a wide activation
+          costs: the step is bound by memory traffic).
   "auto": "taps" on CPU, "xla" on every other backend.
 
 `BatchNorm` likewise creates exactly `flax.linen.BatchNorm`'s variables.
