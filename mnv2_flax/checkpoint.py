@@ -81,7 +81,8 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.StandardSave(state))
 
   def save_best(self, step: int, state: Any, metrics: Mapping[str, float]) -> None:
-    if self._best is not None:
+    # A finished run re-run re-evaluates its last step, which may be the best.
+    if self._best is not None and step not in self._best.all_steps():
       self._best.save(step, args=ocp.args.StandardSave(state),
                       metrics={k: float(v) for k, v in metrics.items()}, force=True)
 

@@ -93,6 +93,26 @@ def test_rerunning_the_command_resumes(tmp_path):
   second = train.train_and_evaluate(config, str(tmp_path))
   assert second["step"] == 8
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
+  # Once more: the run is finished, so it is only evaluated again (the final
+  # and best checkpoints of step 8 already exist and must not be re-saved).
+  third = train.train_and_evaluate(config, str(tmp_path))
+  assert {k: third[k] for k in ("step", "top1", "loss")} == {
+      k: second[k] for k in ("step", "top1", "loss")}
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
+
+
+def test_saving_the_same_best_step_again_is_a_no_op(tmp_path):
+  # What re-running a finished run does when its last step was also its best.
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=2,
+                                 best_metric="top1")
+  state = {"w": np.arange(3.0, dtype=np.float32)}
+  for _ in range(2):
+    ckpt.save(8, state)
+    ckpt.save_best(8, state, {"top1": 0.5})
+  ckpt.wait()
+  assert ckpt.all_steps() == [8]
+  assert os.listdir(tmp_path / "checkpoints_best") == ["8"]
+  ckpt.close()
 
 
 def test_checkpoint_from_another_model_names_the_shapes(trained, tmp_path):
