@@ -282,8 +282,26 @@ def batch_norm(
   xf = x.astype(jnp.float32)
   mean = jnp.mean(xf, _NHW)
   var = jnp.maximum(jnp.mean(xf * xf, _NHW) - mean * mean, 0.0)
-  y = (xf - mean) * (scale * lax.rsqrt(var + epsilon)) + bias
-  return y.astype(x.dtype), mean, var
+  return normalize(x, mean, var, scale, bias, epsilon), mean, var
+
+
+def normalize(x: Array, mean: Array, var: Array, scale: Array, bias: Array,
+              epsilon: float) -> Array:
+  """(x - mean) / sqrt(var + epsilon) * scale + bias in float32, in x's dtype."""
+  y = (x.astype(jnp.float32) - mean) * (scale * lax.rsqrt(var + epsilon)) + bias
+  return y.astype(x.dtype)
+
+
+def _batch_norm_grad_coefficients(
+    scale: Array, mean: Array, rstd: Array, sum_g: Array, sum_g_xc: Array,
+    d_mean: Array, d_var: Array, count: int
+) -> tuple[Array, Array, Array]:
+  """(a, x_coeff, offset) with dx = a * g + x_coeff * x + offset per channel,
+  from sum(g) and sum(g * (x - mean)); see `_fused_batch_norm_bwd`."""
+  a = scale * rstd
+  x_coeff = (2.0 * d_var - a * rstd * rstd * sum_g_xc) / count
+  offset = (d_mean - a * sum_g) / count - x_coeff * mean
+  return a, x_coeff, offset
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -319,9 +337,8 @@ def _fused_batch_norm_bwd(epsilon, residuals, cotangents):
   xf, gf = x.astype(jnp.float32), g.astype(jnp.float32)
   sum_g = jnp.sum(gf, _NHW)
   sum_g_xc = jnp.sum(gf * xf, _NHW) - mean * sum_g
-  a = scale * rstd
-  x_coeff = (2.0 * d_var - a * rstd * rstd * sum_g_xc) / count
-  offset = (d_mean - a * sum_g) / count - x_coeff * mean
+  a, x_coeff, offset = _batch_norm_grad_coefficients(
+      scale, mean, rstd, sum_g, sum_g_xc, d_mean, d_var, count)
   dx = a * gf + x_coeff * xf + offset
   return dx.astype(x.dtype), sum_g_xc * rstd, sum_g
 
@@ -379,17 +396,15 @@ def _conv_batch_norm_bwd(epsilon, residuals, cotangents):
   in_g = jnp.dot(x_in.T, g)
   sum_g = jnp.sum(g, 0)
   sum_g_xc = jnp.sum(kernel * in_g, 0) - mean * sum_g
-  a = scale * rstd
-  x_coeff = (2.0 * d_var - a * rstd * rstd * sum_g_xc) / count
-  offset = (d_mean - a * sum_g) / count - x_coeff * mean
+  a, x_coeff, offset = _batch_norm_grad_coefficients(
+      scale, mean, rstd, sum_g, sum_g_xc, d_mean, d_var, count)
   d_x_in = (jnp.dot(g, (kernel * a).T)
             + jnp.dot(x_in, (kernel * x_coeff) @ kernel.T) + offset @ kernel.T)
   d_kernel = in_g * a + (gram @ kernel) * x_coeff + jnp.outer(col_sum, offset)
   return d_x_in, d_kernel, sum_g_xc * rstd, sum_g
 
 
-conv_batch_norm.defvjp(
-    _conv_batch_norm_fwd, _conv_batch_norm_bwd)
+conv_batch_norm.defvjp(_conv_batch_norm_fwd, _conv_batch_norm_bwd)
 
 
 # Registries: impl name -> compute function(x, kernel, stride, pads).
@@ -496,9 +511,7 @@ class BatchNorm(nn.Module):
     scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
     x = x.astype(self.dtype)
     if self.use_running_average:
-      rstd = lax.rsqrt(ra_var.value + self.epsilon)
-      y = (x.astype(jnp.float32) - ra_mean.value) * (scale * rstd) + bias
-      return y.astype(self.dtype)
+      return normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
     impl = resolve_conv_impl(self.impl)
     if (impl == "taps" and matmul_input is not None
         and self.dtype == jnp.float32
