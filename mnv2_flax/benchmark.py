@@ -35,7 +35,9 @@ import numpy as np
 from mnv2_flax import allocator, config_lib, layers, models, train
 
 Result = dict[str, Any]
-FRAMEWORKS = ("keras", "torch")
+# Also the order they run in: torchvision's import segfaults once TensorFlow is
+# loaded (seen with torch 2.14.1 and tensorflow 2.21.0); the reverse order works.
+FRAMEWORKS = ("torch", "keras")
 # Generated JPEGs: ImageNet's typical size and JPEG quality.
 JPEG_HEIGHT, JPEG_WIDTH, JPEG_QUALITY = 375, 500, 90
 
@@ -74,10 +76,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--json", dest="json_path", default="",
                       help="Write all results to this file.")
   args = parser.parse_args(argv)
-  args.compare = [name for name in args.compare.split(",") if name]
-  unknown = set(args.compare) - set(FRAMEWORKS)
+  requested = {name for name in args.compare.split(",") if name}
+  unknown = requested - set(FRAMEWORKS)
   if unknown:
     parser.error(f"--compare: unknown {sorted(unknown)}; choose from {FRAMEWORKS}")
+  args.compare = [name for name in FRAMEWORKS if name in requested]
   if args.steps < 1 or args.warmup < 0:
     parser.error("--steps must be >= 1 and --warmup >= 0")
   if args.skip_model and not args.pipeline:

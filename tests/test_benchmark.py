@@ -58,6 +58,12 @@ def test_unknown_framework_is_a_usage_error():
     benchmark.parse_args(["--compare=keras,mxnet"])
 
 
+def test_torch_runs_before_tensorflow_is_imported():
+  # Importing torchvision after TensorFlow segfaulted (torch 2.14.1, tf 2.21).
+  assert benchmark.parse_args(["--compare=keras,torch,keras"]).compare == [
+      "torch", "keras"]
+
+
 def test_markdown_tables_show_ratios_and_skipped_frameworks():
   row = {"train_images_per_s": 100.0, "infer_latency_ms_b1": 2.0,
          "infer_images_per_s": 500.0, "compile_s": 10.0, "peak_mb": 900.0}
@@ -81,6 +87,19 @@ def test_keras_comparison(tmp_path):
   assert_positive_finite(results["keras"], MODEL_KEYS)
   # The same architecture: Keras' trainable parameters equal ours.
   assert results["keras"]["params"] == results["jax"]["params"]
+  assert_positive_finite(results["ratios"], results["ratios"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None
+                        for m in ("keras", "torch", "torchvision")),
+                    reason="keras, torch or torchvision is not installed")
+def test_keras_and_torch_comparison_in_one_process(tmp_path):
+  results = run_benchmark(tmp_path, *TINY, "--compare=keras,torch")
+  for name in ("keras", "torch"):
+    assert_positive_finite(results[name], MODEL_KEYS)
+    assert results[name]["params"] == results["jax"]["params"]
+  assert len(results["ratios"]) == 4
   assert_positive_finite(results["ratios"], results["ratios"])
 
 
