@@ -4,20 +4,13 @@ import os
 import sys
 
 # XLA's CPU runtime mallocs one buffer for all of a step's temporaries (1.8 GB
-# for MobileNetV2 at 224x224, batch 32) and frees it when the step ends. By
-# default glibc serves it with a fresh mmap each step, and the kernel then
-# zeroes every page of it: a third of the CPU samples of a train step went to
-# `clear_page_erms`. So: huge pages (hugetlb=1: 512x fewer page faults), and
-# large blocks from the one main heap, kept after `free` for the next step
-# (arena_max=1: the worker thread that allocates would otherwise get a
-# per-thread arena, which mmaps anything over 64 MB whatever mmap_max says;
-# mmap_max=0; trim_threshold: never give the heap's top back).
-MALLOC_TUNABLES = (
-    "glibc.malloc.hugetlb=1",
-    "glibc.malloc.arena_max=1",
-    "glibc.malloc.mmap_max=0",
-    f"glibc.malloc.trim_threshold={2**40}",
-)
+# for MobileNetV2 at 224x224, batch 32) and frees it when the step ends; glibc
+# mmaps it afresh each step and the kernel faults it in. Transparent huge pages
+# make that 512x fewer faults (train step ~1,100 -> ~680 ms). Keeping the block
+# in the heap instead (arena_max=1, mmap_max=0, no trim) was measured too: it
+# held 4.7-8.2 GB instead of 3.0 GB at peak and was not faster
+# (docs/benchmarks.md).
+MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1",)
 
 
 def use_huge_page_malloc() -> None:

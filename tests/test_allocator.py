@@ -1,6 +1,7 @@
 """The malloc settings `main` and the benchmark re-execute themselves with."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -9,9 +10,11 @@ import pytest
 from conftest import REPO
 from mnv2_flax import allocator
 
-# Re-execs via the allocator, then mallocs 256 MB on a second thread (as XLA's
-# runtime does on its worker threads), frees it, mallocs again, and prints the
-# tunables, whether the block lay in the main heap, and whether it was reused.
+THP_MODE = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+# Re-execs via the allocator, then mallocs and touches 256 MB on a second thread
+# (as XLA's runtime does on its worker threads), and prints the tunables and
+# how many kB of that block's mapping are transparent huge pages.
 PROBE = """
 import ctypes, os, threading
 from mnv2_flax import allocator
@@ -19,20 +22,26 @@ allocator.use_huge_page_malloc()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-addresses = []
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+size = 256 << 20
+address = []
 def allocate():
-  for _ in range(2):
-    addresses.append(libc.malloc(256 << 20))
-    libc.free(addresses[-1])
+  address.append(libc.malloc(size))
+  libc.memset(address[0], 1, size)
 thread = threading.Thread(target=allocate)
 thread.start()
 thread.join()
-with open("/proc/self/maps") as f:
-  heap = [line.split()[0] for line in f if line.rstrip().endswith("[heap]")]
-low, high = (int(x, 16) for x in heap[0].split("-")) if heap else (0, 0)
+huge_kb, inside = 0, False
+with open("/proc/self/smaps") as f:
+  for line in f:
+    head = line.split()[0]
+    if "-" in head and not head.endswith(":"):
+      low, high = (int(x, 16) for x in head.split("-"))
+      inside = low <= address[0] < high
+    elif inside and head == "AnonHugePages:":
+      huge_kb = int(line.split()[1])
 print(os.environ.get("GLIBC_TUNABLES", ""))
-print(low <= addresses[0] < high, addresses[0] == addresses[1])
+print(huge_kb)
 """
 
 
@@ -42,20 +51,28 @@ def probe(**env_overrides):
   env.update(env_overrides, PYTHONPATH=str(REPO))
   out = subprocess.run([sys.executable, "-c", PROBE], env=env, check=True,
                        capture_output=True, text=True, timeout=60).stdout
-  return out.splitlines()
+  tunables, huge_kb = out.splitlines()
+  return tunables, int(huge_kb)
+
+
+def thp_mode() -> str:
+  text = THP_MODE.read_text() if THP_MODE.exists() else ""
+  return text.split("[")[1].split("]")[0] if "[" in text else "unavailable"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
-def test_large_blocks_come_from_the_main_heap_and_are_reused():
-  tunables, placement = probe()
+def test_reexec_adds_the_tunables_and_large_blocks_get_huge_pages():
+  tunables, huge_kb = probe()
   assert tunables == ":".join(allocator.MALLOC_TUNABLES)
-  assert placement == "True True"
+  if thp_mode() in ("always", "madvise"):
+    assert huge_kb >= 128 << 10  # At least half of the 256 MB block.
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_opting_out_keeps_glibc_defaults():
-  # Without the settings glibc mmaps the block afresh, outside the heap.
-  tunables, placement = probe(MNV2_HUGE_PAGE_MALLOC="0")
-  assert tunables == "" and placement.startswith("False ")
-  assert probe(GLIBC_TUNABLES="glibc.malloc.tcache_count=0")[0] == (
-      "glibc.malloc.tcache_count=0")
+  tunables, huge_kb = probe(MNV2_HUGE_PAGE_MALLOC="0")
+  assert tunables == ""
+  if thp_mode() == "madvise":  # Only glibc's madvise would ask for huge pages.
+    assert huge_kb == 0
+  user_choice = "glibc.malloc.tcache_count=0"
+  assert probe(GLIBC_TUNABLES=user_choice)[0] == user_choice
