@@ -6,10 +6,9 @@ import sys
 # XLA's CPU runtime mallocs one buffer for all of a step's temporaries (1.8 GB
 # for MobileNetV2 at 224x224, batch 32) and frees it when the step ends; glibc
 # mmaps it afresh each step and the kernel faults it in. Transparent huge pages
-# make that 512x fewer faults (train step ~1,100 -> ~680 ms). Keeping the block
-# in the heap instead (arena_max=1, mmap_max=0, no trim) was measured too: it
-# held 4.7-8.2 GB instead of 3.0 GB at peak and was not faster
-# (docs/benchmarks.md).
+# make that 512x fewer faults (train step 1,091 -> 625 ms). Keeping the block in
+# the heap instead (arena_max=1, mmap_max=0, no trim) was measured too: it held
+# 4.7-8.2 GB instead of 3.0 GB at peak and was slower (docs/benchmarks.md).
 MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1",)
 
 
