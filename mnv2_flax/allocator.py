@@ -8,7 +8,7 @@ import sys
 # default glibc mmaps such a block afresh each step and the kernel faults in and
 # zeroes every page of it again. Transparent huge pages make that 512x fewer
 # faults (train step 1,091 -> 625 ms); the main thread's heap keeping what it
-# frees (no mmap, no trim) removes the faults altogether (~590 ms), provided the
+# frees (no mmap, no trim) removes the faults altogether (554-603 ms), if the
 # step runs on the main thread (`keep_step_memory`). Other threads' arenas still
 # mmap large blocks: keeping those too (arena_max=1) fragmented the heap (4.7-8.2
 # GB peak instead of 3.0 GB, docs/benchmarks.md).
