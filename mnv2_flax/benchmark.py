@@ -490,7 +490,7 @@ def main(argv: Sequence[str]) -> Result:
 
 def run() -> None:
   """Console entry point (`mnv2-benchmark`): the same allocator as `main`."""
-  allocator.tune_malloc()
+  allocator.use_huge_page_malloc()
   main(sys.argv[1:])
 
 

@@ -138,7 +138,7 @@ def main(argv: list[str]) -> None:
 
 def console_main() -> None:
   """Entry point of `python -m mnv2_flax.main` and `mnv2-train`."""
-  allocator.tune_malloc()
+  allocator.use_huge_page_malloc()
   run()
 
 
