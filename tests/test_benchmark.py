@@ -98,9 +98,10 @@ def test_keras_and_torch_comparison_in_one_process(tmp_path):
   # The command line in a fresh process: torchvision's import crashes in a
   # process that has already imported TensorFlow (an earlier test's).
   path = tmp_path / "results.json"
+  # Output not captured here, so pytest shows it when the command fails.
   subprocess.run(
       [sys.executable, "-m", "mnv2_flax.benchmark", *TINY, "--compare=keras,torch",
-       f"--json={path}"], cwd=REPO, check=True, capture_output=True, timeout=600)
+       f"--json={path}"], cwd=REPO, check=True, timeout=600)
   with open(path) as f:
     results = json.load(f)
   for name in ("keras", "torch"):
