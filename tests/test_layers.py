@@ -57,10 +57,11 @@ def test_depthwise_matches_xla(stride, padding):
 @pytest.mark.parametrize("padding", layers.PADDINGS)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_depthwise_kernel_grad_formulations_match_xla(stride, padding):
-  """Both kernel-gradient formulations (the single-device loop and the
-  multi-device variadic reduce) against autodiff of `lax.conv`. An odd batch
-  (the loop then takes one image per step) and 60 rows (3 row blocks of 20 at
-  stride 1, 2 of 15 at stride 2) cover what the HW model tests do not."""
+  """Both kernel-gradient formulations (the loop, and the variadic reduce for
+  small outputs and several devices) against autodiff of `lax.conv`. 60 rows
+  take the loop (3 row blocks of 20 at stride 1, 2 of 15 at stride 2; the
+  model tests' outputs are all below `KERNEL_GRAD_LOOP_MIN_ROWS`), and the odd
+  batch makes it take one image per step."""
   x = _random((3, 60, 7, 4), seed=0)
   kernel = _random((3, 3, 1, 4), seed=1)
   pads = layers.spatial_padding(padding, x.shape, 3, stride)
