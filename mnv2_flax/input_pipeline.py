@@ -35,7 +35,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mnv2_flax import data
-from mnv2_flax.config_lib import ConfigError
+from mnv2_flax.errors import ConfigError
 
 # MNIST's own statistics: the config's default mean/std are ImageNet RGB ones.
 _MNIST_MEAN, _MNIST_STD = (0.1307,), (0.3081,)
@@ -186,6 +186,7 @@ def _array_dataset(train: tuple, test: tuple, num_classes: int, config: Any,
       process_index=process_index,
       process_count=process_count,
       transform=transform,
+      train_examples=config.dataset.train_examples,
   )
 
 

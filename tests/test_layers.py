@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from mnv2_flax import layers
+from mnv2_flax import cpu_kernels, layers
 
 # Odd H != even W: covers both parities, and at stride 2 tf_same pads the two
 # dimensions differently ((1, 1) for H, (0, 1) for W).
@@ -69,12 +69,12 @@ def test_depthwise_kernel_grad_formulations_match_xla(stride, padding):
       lambda k: layers.xla_depthwise_conv(x, k, stride, pads), kernel)
   g = _random(out.shape, seed=2)
   (expected,) = vjp(g)
-  xp = layers._pad_hw(x, pads)
-  loop = layers._kernel_grad_loop(xp, g, kernel.shape, stride)
-  reduce = layers._kernel_grad_reduce(xp, g, kernel.shape, stride)
+  xp = cpu_kernels._pad_hw(x, pads)
+  loop = cpu_kernels._kernel_grad_loop(xp, g, kernel.shape, stride)
+  reduce = cpu_kernels._kernel_grad_reduce(xp, g, kernel.shape, stride)
   assert jax.device_count() == 1  # So `_depthwise_kernel_grad` takes the loop.
-  for actual in (loop, reduce,
-                 layers._depthwise_kernel_grad(x, g, kernel.shape, stride, pads)):
+  chosen = cpu_kernels._depthwise_kernel_grad(x, g, kernel.shape, stride, pads)
+  for actual in (loop, reduce, chosen):
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -180,6 +180,18 @@ def test_batch_norm_matches_flax(impl, dtype, tol):
                              np.asarray(eval_flax, np.float32), tol, tol)
 
 
+def test_batch_norm_scale_init():
+  # Zero-initialised scales (residual blocks that start as the identity);
+  # the default stays flax's ones.
+  x = jnp.zeros((2, 4, 4, 8))
+  default = layers.BatchNorm().init(jax.random.key(0), x)["params"]
+  zeros = layers.BatchNorm(scale_init=nn.initializers.zeros).init(
+      jax.random.key(0), x)["params"]
+  np.testing.assert_array_equal(default["scale"], np.ones(8, np.float32))
+  np.testing.assert_array_equal(zeros["scale"], np.zeros(8, np.float32))
+  assert zeros["scale"].dtype == jnp.float32
+
+
 def test_fused_batch_norm_gradient_of_statistics():
   # The running averages never get a gradient in training, but the VJP must
   # still be right when someone differentiates the batch statistics.
@@ -191,7 +203,8 @@ def test_fused_batch_norm_gradient_of_statistics():
   def vjp(fn):
     return jax.vjp(lambda *a: fn(*a, 1e-3), x, scale, bias)[1](cotangents)
 
-  for a, e in zip(vjp(layers.fused_batch_norm), vjp(layers.batch_norm)):
+  for a, e in zip(vjp(cpu_kernels.fused_batch_norm),
+                  vjp(cpu_kernels.batch_norm)):
     np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
 
 
