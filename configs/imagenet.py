@@ -10,7 +10,9 @@ global batch of 1536 (16 x 96) and scales lr linearly (0.045 per 96 images ->
 optimizer.learning_rate by the same factor.
 Expected: 72.0 % top-1 (paper) after ~300 epochs; not reproduced by this
 project yet. Cost: 300 M multiply-adds per image; 300 epochs are 384 M
-images, about 11 hours at 10,000 images/s (see docs/benchmarks.md).
+images: about 11 hours if the machine sustains 10,000 images/s (an
+assumption; no GPU or TPU throughput has been measured, see
+docs/benchmarks.md).
 Data: manual download, see README "Training on ImageNet".
 Options: --config.optimizer.label_smoothing=0.1, --config.optimizer.schedule=cosine,
 --config.optimizer.name=sgd, --config.optimizer.ema_decay=0.9999.

@@ -8,7 +8,7 @@ import sys
 # mmaps it afresh each step and the kernel faults it in. Transparent huge pages
 # make that 512x fewer faults (train step 1,091 -> 625 ms). Keeping the block in
 # the heap instead (arena_max=1, mmap_max=0, no trim) was measured too: it held
-# 4.7-8.2 GB instead of 3.0 GB at peak and was slower (docs/benchmarks.md).
+# 4.7-8.2 GB instead of 3.0 GB at peak and was slower (docs/cpu_kernels.md).
 MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1",)
 
 
