@@ -1,4 +1,8 @@
-"""Every knob of a run, with its default, and the checks run before training.
+"""Every knob of a run, declared once with its default and its valid values.
+
+`KEYS` is the table: each entry names a key, its default and the check its
+value must pass. `base_config()` is built from it, and `validate` checks every
+key against it before training, so no key exists without its check.
 
 The files in `configs/` start from `base_config()` and change what their
 recipe needs. Any key is overridable on the command line, e.g.
@@ -7,88 +11,213 @@ recipe needs. Any key is overridable on the command line, e.g.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+from typing import Any, Callable, Iterator, Sequence
+
 import ml_collections
 
 from mnv2_flax import data, layers, models
-from mnv2_flax.errors import ConfigError  # pylint: disable=unused-import
+from mnv2_flax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+  """The values a key accepts: `accepts` tests one, `describe` says which."""
+
+  describe: str  # Completes "must be ...", e.g. "a float in [0, 1)".
+  accepts: Callable[[Any], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """One config key: its dotted name, its default and the check of its value."""
+
+  name: str
+  default: Any
+  check: Check
+
+
+def _alternatives(items: Sequence[Any]) -> str:
+  """Joins items as "x", "x or y", "x, y or z"."""
+  words = [str(item) for item in items]
+  return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _choice(choices: Sequence[Any]) -> Check:
+  # The type must match too: True == 1, but a bool is not a stride.
+  return Check(_alternatives([repr(c) for c in choices]),
+               lambda v: any(type(v) is type(c) and v == c for c in choices))
+
+
+def _either(first: Check, second: Check) -> Check:
+  return Check(f"{first.describe} or {second.describe}",
+               lambda v: first.accepts(v) or second.accepts(v))
+
+
+def _int(low: int | None = None) -> Check:
+  def accepts(value: Any) -> bool:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    return is_int and (low is None or value >= low)
+  return Check("an int" if low is None else f"an int >= {low}", accepts)
+
+
+def _float(low: float, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> Check:
+  """A finite number (ints too: a config file may write `= 5`) from `low`,
+  excluded if `low_open`, to `high` if given, excluded if `high_open`."""
+  if high is None:
+    bounds = f"{'>' if low_open else '>='} {low}"
+  else:
+    bounds = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+  def accepts(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      return False
+    above = value > low if low_open else value >= low
+    below = high is None or (value < high if high_open else value <= high)
+    return math.isfinite(value) and above and below
+  return Check(f"a float {bounds}", accepts)
+
+
+def _tuple(item: Check, lengths: Sequence[int]) -> Check:
+  return Check(f"a tuple of {_alternatives(lengths)} entries, each {item.describe}",
+               lambda v: (isinstance(v, (tuple, list)) and len(v) in lengths
+                          and all(item.accepts(x) for x in v)))
+
+
+_BOOL = Check("a bool", lambda v: isinstance(v, bool))
+_TEXT = Check("a string", lambda v: isinstance(v, str))
+_POSITIVE = _float(0, low_open=True)
+_FRACTION = _float(0, 1, high_open=True)  # Momenta, decays, dropout, smoothing.
+_STRIDE = _choice((1, 2))
+
+KEYS: tuple[Key, ...] = (
+    Key("seed", 0, _int(low=0)),
+
+    Key("dataset.name", "digits", _choice(data.DATASETS)),
+    Key("dataset.image_size", 32, _int(low=1)),  # Model input resolution (square).
+    # > 0: train on the first that many training examples only (digits, MNIST,
+    # CIFAR-10; a harder task for ablations). 0: all of them.
+    Key("dataset.train_examples", 0, _int(low=0)),
+    # Read by "synthetic" and --mode=summary; training on real data uses the
+    # dataset's own class count.
+    Key("dataset.num_classes", 10, _int(low=2)),
+    Key("dataset.data_dir", "", _TEXT),  # TFDS data_dir ("" = TFDS default).
+    Key("dataset.manual_dir", "", _TEXT),  # imagenet2012: where the ILSVRC tars are.
+    Key("dataset.root", "", _TEXT),  # imagefolder: a directory with train/ and test/.
+    # Normalisation, in [0, 1] units; one entry per image channel.
+    Key("dataset.mean", (0.485, 0.456, 0.406), _tuple(_float(0, 1), (1, 3))),
+    Key("dataset.std", (0.229, 0.224, 0.225), _tuple(_POSITIVE, (1, 3))),
+    Key("dataset.shuffle_buffer", 16_384, _int(low=1)),
+    # Random-resized-crop minimum area.
+    Key("dataset.crop_area_min", 0.08, _float(0, 1, low_open=True)),
+    # Center crop, then resize.
+    Key("dataset.eval_crop_fraction", 0.875, _float(0, 1, low_open=True)),
+
+    Key("model.width_multiplier", 0.5, _POSITIVE),
+    # t of every block with t > 1 (the paper's 6).
+    Key("model.expansion", 6, _int(low=1)),
+    # "linear" (paper) or "relu6" (ablation).
+    Key("model.bottleneck", "linear", _choice(models.BOTTLENECKS)),
+    # Where the shortcut goes (Figure 6b): "bottleneck" (paper) | "expansion" | "none".
+    Key("model.residual", "bottleneck", _choice(models.RESIDUALS)),
+    # Each residual branch's last BatchNorm starts with scale 0 (an identity).
+    Key("model.zero_init_residual", False, _BOOL),
+    Key("model.stem_stride", 1, _STRIDE),
+    Key("model.stage_strides", models.PAPER_STAGE_STRIDES,
+        _tuple(_STRIDE, (len(models.INVERTED_RESIDUAL_SETTING),))),
+    Key("model.dropout_rate", 0.2, _FRACTION),
+    # "symmetric" (torchvision) | "tf_same".
+    Key("model.padding", "symmetric", _choice(layers.PADDINGS)),
+    # Running average decay (flax convention).
+    Key("model.bn_momentum", 0.9, _FRACTION),
+    Key("model.bn_epsilon", 1e-5, _POSITIVE),
+    # bf16 compute; params and BN stay f32.
+    Key("model.half_precision", False, _BOOL),
+    # "auto" | "xla" | "taps"; see layers.py.
+    Key("model.conv_impl", "auto", _choice(layers.CONV_IMPLS)),
+    Key("model.remat", False, _BOOL),  # Rematerialise each block to save memory.
+
+    # "sgd" (momentum) | "rmsprop".
+    Key("optimizer.name", "sgd", _choice(("sgd", "rmsprop"))),
+    Key("optimizer.learning_rate", 0.1, _POSITIVE),  # Peak lr at global_batch_size.
+    Key("optimizer.momentum", 0.9, _FRACTION),
+    Key("optimizer.nesterov", True, _BOOL),
+    Key("optimizer.rmsprop_decay", 0.9, _FRACTION),
+    # Inside the sqrt, as TensorFlow's.
+    Key("optimizer.rmsprop_eps", 1e-3, _POSITIVE),
+    # "cosine" | "exponential" | "constant".
+    Key("optimizer.schedule", "cosine",
+        _choice(("cosine", "exponential", "constant"))),
+    Key("optimizer.warmup_epochs", 0.5, _float(0)),
+    # exponential: lr *= decay_rate ...
+    Key("optimizer.decay_rate", 0.98, _float(0, 1, low_open=True)),
+    Key("optimizer.decay_epochs", 1.0, _POSITIVE),  # ... every decay_epochs.
+    Key("optimizer.weight_decay", 5e-4, _float(0)),  # L2, added to the gradient.
+    # Which parameters get weight decay: "kernels" (conv + dense kernels),
+    # "kernels_except_depthwise" (TF-slim's MobileNet default), "all".
+    Key("optimizer.weight_decay_mask", "kernels",
+        _choice(("kernels", "kernels_except_depthwise", "all"))),
+    Key("optimizer.label_smoothing", 0.0, _FRACTION),
+    # > 0 keeps an EMA of weights for eval.
+    Key("optimizer.ema_decay", 0.0, _FRACTION),
+
+    Key("global_batch_size", 64, _int(low=1)),
+    # Global; the last batch is padded, not dropped.
+    Key("eval_batch_size", 256, _int(low=1)),
+    Key("num_epochs", 20.0, _float(0)),
+    # > 0 overrides num_epochs.
+    Key("num_train_steps", -1, _either(_choice((-1,)), _int(low=1))),
+    Key("log_every_steps", 100, _int(low=1)),
+    # <= 0: evaluate only at the end.
+    Key("eval_every_steps", -1, _int()),
+    Key("checkpoint_every_steps", 1000, _int(low=1)),
+    # The last k; the best by `best_metric` is kept too.
+    Key("keep_checkpoints", 3, _int(low=1)),
+    # "" disables the best-checkpoint copy.
+    Key("best_metric", "top1", _choice(("", "top1", "top5", "loss"))),
+    # A checkpoints directory. --mode=eval evaluates it instead of WORKDIR's;
+    # training starts from its weights when WORKDIR has no checkpoint yet
+    # (fine-tuning: layers whose shape differs, e.g. the classifier, keep their
+    # fresh init; the optimizer starts fresh).
+    Key("checkpoint_path", "", _TEXT),
+    Key("skip_nonfinite_updates", False, _BOOL),
+    Key("compilation_cache_dir", os.path.join("~", ".cache", "mnv2_flax", "jax"),
+        _TEXT),
+    # > 0: trace this many steps after the first.
+    Key("profile_steps", 0, _int(low=0)),
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
   """The embedded default: MobileNetV2 (width 0.5) on scikit-learn's digits."""
   config = ml_collections.ConfigDict()
-  config.seed = 0
-
-  config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = "digits"  # One of data.DATASETS.
-  config.dataset.image_size = 32  # Model input resolution (square).
-  # Read by "synthetic" and --mode=summary; training on real data uses the
-  # dataset's own class count.
-  config.dataset.num_classes = 10
-  config.dataset.data_dir = ""  # TFDS data_dir ("" = TFDS default).
-  config.dataset.manual_dir = ""  # imagenet2012: where the ILSVRC tars are.
-  config.dataset.root = ""  # imagefolder: a directory with train/ and test/.
-  config.dataset.mean = (0.485, 0.456, 0.406)  # Normalisation, in [0, 1] units.
-  config.dataset.std = (0.229, 0.224, 0.225)
-  config.dataset.shuffle_buffer = 16_384
-  config.dataset.crop_area_min = 0.08  # Random-resized-crop minimum area.
-  config.dataset.eval_crop_fraction = 0.875  # Center crop, then resize.
-
-  config.model = ml_collections.ConfigDict()
-  config.model.width_multiplier = 0.5
-  config.model.expansion = 6  # t of every block with t > 1 (the paper's 6).
-  config.model.bottleneck = "linear"  # "linear" (paper) or "relu6" (ablation).
-  config.model.stem_stride = 1
-  config.model.stage_strides = models.PAPER_STAGE_STRIDES
-  config.model.dropout_rate = 0.2
-  config.model.padding = "symmetric"  # "symmetric" (torchvision) | "tf_same".
-  config.model.bn_momentum = 0.9  # Running average decay (flax convention).
-  config.model.bn_epsilon = 1e-5
-  config.model.half_precision = False  # bf16 compute; params and BN stay f32.
-  config.model.conv_impl = "auto"  # "auto" | "xla" | "taps"; see layers.py.
-  config.model.remat = False  # Rematerialise each block to save memory.
-
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "sgd"  # "sgd" (momentum) | "rmsprop".
-  config.optimizer.learning_rate = 0.1  # Peak lr at global_batch_size.
-  config.optimizer.momentum = 0.9
-  config.optimizer.nesterov = True
-  config.optimizer.rmsprop_decay = 0.9
-  config.optimizer.rmsprop_eps = 1e-3  # Inside the sqrt, as TensorFlow's.
-  config.optimizer.schedule = "cosine"  # "cosine" | "exponential" | "constant".
-  config.optimizer.warmup_epochs = 0.5
-  config.optimizer.decay_rate = 0.98  # exponential: lr *= decay_rate ...
-  config.optimizer.decay_epochs = 1.0  # ... every decay_epochs.
-  config.optimizer.weight_decay = 5e-4  # L2, added to the gradient.
-  # Which parameters get weight decay: "kernels" (conv + dense kernels),
-  # "kernels_except_depthwise" (TF-slim's MobileNet default), "all".
-  config.optimizer.weight_decay_mask = "kernels"
-  config.optimizer.label_smoothing = 0.0
-  config.optimizer.ema_decay = 0.0  # > 0 keeps an EMA of weights for eval.
-
-  config.global_batch_size = 64
-  config.eval_batch_size = 256  # Global; the last batch is padded, not dropped.
-  config.num_epochs = 20.0
-  config.num_train_steps = -1  # > 0 overrides num_epochs.
-  config.log_every_steps = 100
-  config.eval_every_steps = -1  # <= 0: evaluate only at the end.
-  config.checkpoint_every_steps = 1000
-  config.keep_checkpoints = 3  # The last k; the best by `best_metric` is kept too.
-  config.best_metric = "top1"  # "" disables the best-checkpoint copy.
-  # A checkpoints directory. --mode=eval evaluates it instead of WORKDIR's;
-  # training starts from its weights when WORKDIR has no checkpoint yet
-  # (fine-tuning: layers whose shape differs, e.g. the classifier, keep their
-  # fresh init; the optimizer starts fresh).
-  config.checkpoint_path = ""
-  config.skip_nonfinite_updates = False
-  config.compilation_cache_dir = os.path.join("~", ".cache", "mnv2_flax", "jax")
-  config.profile_steps = 0  # > 0: trace this many steps after the first.
+  for key in KEYS:
+    *parents, leaf = key.name.split(".")
+    node = config
+    for parent in parents:
+      if parent not in node:
+        node[parent] = ml_collections.ConfigDict()
+      node = node[parent]
+    node[leaf] = key.default
   return config
 
 
 def get_config() -> ml_collections.ConfigDict:
   """Makes this module a config file: the CLI's default `--config`."""
   return base_config()
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = ""
+            ) -> Iterator[tuple[str, Any]]:
+  """(dotted name, value) of every non-dict value in `config`."""
+  for name, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f"{prefix}{name}.")
+    else:
+      yield f"{prefix}{name}", value
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -98,48 +227,27 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   """Fails early, naming the key, on any value that cannot work."""
-  m, o, d = config.model, config.optimizer, config.dataset
-  _require(d.name in data.DATASETS, "dataset.name",
-           f"unknown dataset {d.name!r}; choose one of {data.DATASETS}")
-  _require(m.width_multiplier > 0, "model.width_multiplier",
-           f"must be > 0, got {m.width_multiplier}")
-  _require(m.expansion >= 1, "model.expansion", f"must be >= 1, got {m.expansion}")
-  _require(m.bottleneck in models.BOTTLENECKS, "model.bottleneck",
-           f"must be one of {models.BOTTLENECKS}, got {m.bottleneck!r}")
-  _require(m.padding in layers.PADDINGS, "model.padding",
-           f"must be one of {layers.PADDINGS}, got {m.padding!r}")
-  _require(m.conv_impl in layers.CONV_IMPLS, "model.conv_impl",
-           f"must be one of {layers.CONV_IMPLS}, got {m.conv_impl!r}")
-  _require(len(m.stage_strides) == len(models.INVERTED_RESIDUAL_SETTING),
-           "model.stage_strides",
-           f"needs {len(models.INVERTED_RESIDUAL_SETTING)} strides, got "
-           f"{len(m.stage_strides)}")
-  _require(all(s in (1, 2) for s in (m.stem_stride, *m.stage_strides)),
-           "model.stage_strides", "strides must be 1 or 2")
-  _require(0 <= m.dropout_rate < 1, "model.dropout_rate",
-           f"must be in [0, 1), got {m.dropout_rate}")
+  values = dict(_leaves(config))
+  declared = {key.name for key in KEYS}
+  for name in values:
+    _require(name in declared, name,
+             f"unknown key (set to {values[name]!r}); mnv2_flax/config_lib.py "
+             "declares every key")
+  for key in KEYS:
+    _require(key.name in values, key.name, "is missing")
+    value = values[key.name]
+    _require(key.check.accepts(value), key.name,
+             f"must be {key.check.describe}, got {value!r}")
+
+  # What one key cannot decide alone.
+  m, d = config.model, config.dataset
   factor = models.downsampling_factor(m.stem_stride, m.stage_strides)
   _require(d.image_size >= factor, "dataset.image_size",
            f"{d.image_size} is smaller than the model's total stride {factor}")
-  _require(o.name in ("sgd", "rmsprop"), "optimizer.name",
-           f"must be 'sgd' or 'rmsprop', got {o.name!r}")
-  _require(o.learning_rate > 0, "optimizer.learning_rate",
-           f"must be > 0, got {o.learning_rate}")
-  _require(o.schedule in ("cosine", "exponential", "constant"),
-           "optimizer.schedule", f"unknown schedule {o.schedule!r}")
-  _require(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
-  _require(o.weight_decay_mask in ("kernels", "kernels_except_depthwise", "all"),
-           "optimizer.weight_decay_mask", f"unknown mask {o.weight_decay_mask!r}")
-  _require(0 <= o.ema_decay < 1, "optimizer.ema_decay", "must be in [0, 1)")
-  _require(0 <= o.label_smoothing < 1, "optimizer.label_smoothing",
-           "must be in [0, 1)")
+  _require(len(d.std) == len(d.mean), "dataset.std",
+           f"has {len(d.std)} entries but dataset.mean has {len(d.mean)}")
   for key in ("global_batch_size", "eval_batch_size"):
-    _require(config[key] > 0, key, f"must be > 0, got {config[key]}")
     _require(config[key] % device_count == 0, key,
              f"{config[key]} is not divisible by the {device_count} devices")
   _require(config.num_train_steps > 0 or config.num_epochs > 0, "num_epochs",
-           "must be > 0 when num_train_steps is not set")
-  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
-    _require(config[key] > 0, key, f"must be > 0, got {config[key]}")
-  _require(config.best_metric in ("", "top1", "top5", "loss"), "best_metric",
-           f"must be one of '', 'top1', 'top5', 'loss', got {config.best_metric!r}")
+           f"must be > 0 when num_train_steps is not set, got {config.num_epochs}")

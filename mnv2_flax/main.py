@@ -29,7 +29,9 @@ config_flags.DEFINE_config_file(
     "config", config_lib.__file__,
     "A config file (configs/*.py); by default the embedded digits config "
     "(config_lib.get_config). Override keys with --config.KEY=VALUE.",
-    lock_config=True)
+    # An unknown --config.KEY then reaches config_lib.validate, which names it
+    # in one line; ml_collections itself would raise a traceback.
+    lock_config=False, accept_new_attributes=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, results.json.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "summary"],
                   "train (resumes if WORKDIR has checkpoints), eval (the newest "
@@ -132,6 +134,11 @@ def main(argv: list[str]) -> None:
     results = train.evaluate(config, FLAGS.workdir)
   else:
     results = train.train_and_evaluate(config, FLAGS.workdir)
+    if "preempted_at_step" not in results:
+      # Sweep reports compare model sizes: results.json carries them too.
+      size = summary(config)
+      results.update(num_params=size["params"], macs=size["macs"])
+      train.write_results(FLAGS.workdir, results)
   logging.info("Results: %s", results)
   print(json.dumps(results))
 

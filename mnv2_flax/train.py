@@ -30,7 +30,7 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mnv2_flax import checkpoint, config_lib, data, errors, models
+from mnv2_flax import checkpoint, config_lib, datasets, errors, models
 
 Metrics = dict[str, jax.Array]
 
@@ -219,8 +219,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   """Validates the config, builds the dataset, model, optimizer and steps."""
   config_lib.validate(config, jax.device_count())
   mesh = create_mesh()
-  dataset = data.create_dataset(config, process_index=jax.process_index(),
-                                process_count=jax.process_count())
+  dataset = datasets.create_dataset(config, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
   info = dataset.info
   steps_per_epoch = max(info.num_train_examples // config.global_batch_size, 1)
   num_steps = (config.num_train_steps if config.num_train_steps > 0
@@ -261,7 +261,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
 
 
 def evaluate_dataset(s: Setup, state: TrainState) -> dict[str, float]:
-  """Top-1/top-5/loss over every eval example exactly once."""
+  """Top-1/top-5/loss over every eval example exactly once; raises
+  NonFiniteError on a NaN/inf loss (the weights or statistics are broken)."""
   totals: dict[str, float] = {}
   for batch in s.dataset.eval_batches():
     sums = jax.device_get(s.eval_step(state, s.shard(batch)))
@@ -269,6 +270,10 @@ def evaluate_dataset(s: Setup, state: TrainState) -> dict[str, float]:
       totals[k] = totals.get(k, 0.0) + float(v)
   count = totals.pop("count")
   results = {k: v / count for k, v in totals.items()}
+  if not np.isfinite(results["loss"]):
+    raise errors.NonFiniteError(
+        f"non-finite eval loss ({results['loss']}) of the weights at step "
+        f"{int(state.step)}")
   results["num_examples"] = int(round(count))
   return results
 

@@ -3,11 +3,13 @@
 import json
 import sys
 
+import jax
+import numpy as np
 import pytest
 from absl import flags
 
 from conftest import run_main, tiny_config
-from mnv2_flax import checkpoint, train
+from mnv2_flax import checkpoint, config_lib, errors, train
 from mnv2_flax import main as cli
 
 IMAGENET = "--config=configs/imagenet.py"
@@ -15,6 +17,12 @@ IMAGENET = "--config=configs/imagenet.py"
 
 def run_in_process(argv, capsys):
   """Runs the CLI in this process; returns (exit code, stderr lines)."""
+  if not any(a.startswith("--config=") for a in argv):
+    # The default config file is loaded, and its --config.KEY override flags
+    # defined, when main is imported; only a parsed --config does it again.
+    argv = [f"--config={config_lib.__file__}", *argv]
+  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+    delattr(flags.FLAGS, name)  # Or the next parse would define it twice.
   flags.FLAGS.unparse_flags()
   sys.argv = ["mnv2_flax.main", *argv]
   with pytest.raises(SystemExit) as exit_info:
@@ -23,12 +31,17 @@ def run_in_process(argv, capsys):
 
 
 @pytest.fixture(scope="module")
-def other_model_checkpoint(tmp_path_factory):
+def wide_setup():
+  """A width-0.5 model on the tiny config, compiled once for this module."""
+  return train.setup(tiny_config(**{"model.width_multiplier": 0.5}))
+
+
+@pytest.fixture(scope="module")
+def other_model_checkpoint(tmp_path_factory, wide_setup):
   """A checkpoint of a width-0.5 model, to be restored into a width-0.35 one."""
   directory = tmp_path_factory.mktemp("wide") / "checkpoints"
-  s = train.setup(tiny_config(**{"model.width_multiplier": 0.5}))
   ckpt = checkpoint.Checkpointer(str(directory), keep=1)
-  ckpt.save(1, s.init_state())
+  ckpt.save(1, wide_setup.init_state())
   ckpt.wait()
   return str(directory)
 
@@ -36,7 +49,10 @@ def other_model_checkpoint(tmp_path_factory):
 # (case id, argv, text the one-line message must contain). {tmp} is a fresh
 # empty directory, {ckpt} a checkpoint of another model.
 BAD_INPUTS = [
-    ("unknown key", ["--config.model.widht=1"], "widht"),
+    ("unknown key", ["--config.model.widht=1"], "config.model.widht: unknown key"),
+    ("unknown key with a config file",
+     ["--config=configs/smoke.py", "--config.optimizer.lr=0.1"],
+     "config.optimizer.lr: unknown key (set to 0.1)"),
     ("wrong type", ["--config.model.width_multiplier=wide"], "width_multiplier"),
     ("zero lr", ["--config.optimizer.learning_rate=0"], "optimizer.learning_rate"),
     ("negative lr", ["--config.optimizer.learning_rate=-0.1"], "optimizer.learning_rate"),
@@ -53,6 +69,40 @@ BAD_INPUTS = [
     ("bad strides", ["--config.model.stage_strides=(1,2)"], "model.stage_strides"),
     ("stride 3", ["--config.model.stem_stride=3"], "stride"),
     ("dropout 1", ["--config.model.dropout_rate=1.0"], "model.dropout_rate"),
+    ("bad residual", ["--config.model.residual=dense"],
+     "config.model.residual: must be 'bottleneck', 'expansion' or 'none', got 'dense'"),
+    ("bn momentum 1.5", ["--config.model.bn_momentum=1.5"],
+     "config.model.bn_momentum: must be a float in [0, 1), got 1.5"),
+    ("zero bn epsilon", ["--config.model.bn_epsilon=0"], "config.model.bn_epsilon:"),
+    ("negative momentum", ["--config.optimizer.momentum=-1"],
+     "config.optimizer.momentum: must be a float in [0, 1), got -1.0"),
+    ("negative warmup", ["--config.optimizer.warmup_epochs=-1"],
+     "config.optimizer.warmup_epochs: must be a float >= 0, got -1.0"),
+    ("zero decay rate", ["--config.optimizer.decay_rate=0"],
+     "config.optimizer.decay_rate: must be a float in (0, 1], got 0.0"),
+    ("zero decay epochs", ["--config.optimizer.decay_epochs=0"],
+     "config.optimizer.decay_epochs:"),
+    ("nan lr", ["--config.optimizer.learning_rate=nan"],
+     "config.optimizer.learning_rate: must be a float > 0, got nan"),
+    ("two-channel mean", ["--config.dataset.mean=(0.5,0.5)"],
+     "config.dataset.mean: must be a tuple of 1 or 3 entries, each a float in "
+     "[0, 1], got (0.5, 0.5)"),
+    ("zero std", ["--config.dataset.std=(0,0,0)"],
+     "config.dataset.std: must be a tuple of 1 or 3 entries, each a float > 0, "
+     "got (0, 0, 0)"),
+    ("mean and std lengths differ", ["--config.dataset.std=(0.5,)"],
+     "config.dataset.std: has 1 entries but dataset.mean has 3"),
+    ("crop area 2", ["--config.dataset.crop_area_min=2"],
+     "config.dataset.crop_area_min: must be a float in (0, 1], got 2.0"),
+    ("zero eval crop", ["--config.dataset.eval_crop_fraction=0"],
+     "config.dataset.eval_crop_fraction:"),
+    ("zero shuffle buffer", ["--config.dataset.shuffle_buffer=0"],
+     "config.dataset.shuffle_buffer: must be an int >= 1, got 0"),
+    ("negative seed", ["--config.seed=-1"], "config.seed: must be an int >= 0, got -1"),
+    ("zero train steps", ["--config.num_train_steps=0"],
+     "config.num_train_steps: must be -1 or an int >= 1, got 0"),
+    ("no checkpoints kept", ["--config.keep_checkpoints=0"], "config.keep_checkpoints:"),
+    ("negative profile steps", ["--config.profile_steps=-1"], "config.profile_steps:"),
     ("bad optimizer", ["--config.optimizer.name=adam"], "optimizer.name"),
     ("bad best metric", ["--config.best_metric=f1"], "best_metric"),
     ("batch > dataset", ["--config.global_batch_size=4096"], "global_batch_size"),
@@ -111,3 +161,12 @@ def test_summary_reports_paper_size(capsys):
   info = json.loads(capsys.readouterr().out.splitlines()[0])
   assert info["params"] == 3_504_872
   assert info["macs"] == 300_774_272
+
+
+def test_nan_eval_loss_raises(wide_setup):
+  # Training, its periodic evals and --mode=eval all evaluate through this;
+  # main maps NonFiniteError to exit status 1.
+  state = wide_setup.init_state()
+  state = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
+  with pytest.raises(errors.NonFiniteError, match="non-finite eval loss .* at step 0"):
+    train.evaluate_dataset(wide_setup, state)
