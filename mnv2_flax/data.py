@@ -10,13 +10,14 @@ Every dataset implements the same contract (`Dataset`):
     number of batches (required by the collective eval step).
 
 This module never imports TensorFlow: the embedded digits set and synthetic
-data live here, TFDS datasets are built by `input_pipeline` (imported lazily).
+data live here, TFDS datasets are built by `input_pipeline` on top of it, and
+`datasets.create_dataset` picks between the two.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -77,6 +78,7 @@ class ArrayDataset:
 
   The order of epoch e is a permutation drawn from (seed, e); step k takes the
   k-th global batch of that order and this process keeps its slice.
+  `train_examples` > 0 trains on the first that many training examples only.
   """
 
   def __init__(
@@ -91,7 +93,14 @@ class ArrayDataset:
       process_index: int = 0,
       process_count: int = 1,
       transform: Transform | None = None,
+      train_examples: int = 0,
   ):
+    if train_examples > len(train[1]):
+      raise ConfigError(
+          f"config.dataset.train_examples: {train_examples} exceeds the "
+          f"{len(train[1])} training examples")
+    if train_examples > 0:  # A fixed subset: the first n of the split.
+      train = (train[0][:train_examples], train[1][:train_examples])
     self._train_images, self._train_labels = train
     self._test_images, self._test_labels = test
     self._global_batch_size = global_batch_size
@@ -192,26 +201,3 @@ class SyntheticDataset:
   def eval_batches(self) -> Iterator[Batch]:
     yield self._eval_batch
 
-
-def create_dataset(config: Any, *, process_index: int, process_count: int) -> Dataset:
-  """Builds `config.dataset.name` for this process."""
-  name = config.dataset.name
-  kwargs = dict(
-      global_batch_size=config.global_batch_size,
-      eval_batch_size=config.eval_batch_size,
-      seed=config.seed,
-  )
-  if name == "digits":
-    train, test = load_digits(config.dataset.image_size)
-    return ArrayDataset(train, test, 10, process_index=process_index,
-                        process_count=process_count, **kwargs)
-  if name == "synthetic":
-    return SyntheticDataset(config.dataset.image_size, config.dataset.num_classes,
-                            process_count=process_count, **kwargs)
-  if name in TFDS_DATASETS:
-    from mnv2_flax import input_pipeline  # pylint: disable=g-import-not-at-top
-
-    return input_pipeline.create_dataset(
-        config, process_index=process_index, process_count=process_count
-    )
-  raise ConfigError(f"config.dataset.name: must be one of {DATASETS}, got {name!r}")

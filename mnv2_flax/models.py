@@ -32,6 +32,9 @@ INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
 )
 PAPER_STAGE_STRIDES = tuple(s for _, _, _, s in INVERTED_RESIDUAL_SETTING)
 BOTTLENECKS = ("linear", "relu6")
+# Where the shortcut goes (the paper's Figure 6b): between bottlenecks (the
+# paper's), between expansion layers, or nowhere.
+RESIDUALS = ("bottleneck", "expansion", "none")
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -64,7 +67,18 @@ def conv_norm(conv: ModuleDef, norm: ModuleDef, x: jax.Array, features: int,
 
 
 class InvertedResidual(nn.Module):
-  """Expand (1x1) -> depthwise (3x3) -> project (1x1), linear bottleneck."""
+  """Expand (1x1) -> depthwise (3x3) -> project (1x1), linear bottleneck.
+
+  `residual` places the shortcut of a block whose stride is 1 and whose input
+  and output widths match (the paper's Figure 6b): "bottleneck" adds the
+  block's input to its projection (the paper's); "expansion" instead hands the
+  block's expanded activation to the next block, which adds it to its own
+  (an identity around depthwise -> project -> expand, the shortcut between
+  the wide layers of a classic residual block); "none" drops it. Call with
+  the previous block's hand-over; returns (output, hand-over or None).
+  `zero_init_residual` starts the BatchNorm that ends each residual branch
+  with scale 0, so every residual branch begins as the identity.
+  """
 
   out_channels: int
   stride: int
@@ -73,34 +87,49 @@ class InvertedResidual(nn.Module):
   depthwise_conv: ModuleDef
   norm: ModuleDef
   bottleneck: str = "linear"
+  residual: str = "bottleneck"
+  zero_init_residual: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, shortcut: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array | None]:
     in_channels = x.shape[-1]
+    has_shortcut = self.stride == 1 and in_channels == self.out_channels
+    branch_end_norm = (functools.partial(self.norm, scale_init=nn.initializers.zeros)
+                       if self.zero_init_residual else self.norm)
     y = x
     if self.expansion != 1:
-      y = relu6(conv_norm(self.conv, self.norm, y, in_channels * self.expansion,
+      norm = self.norm if shortcut is None else branch_end_norm
+      y = relu6(conv_norm(self.conv, norm, y, in_channels * self.expansion,
                           "expand"))
+    if shortcut is not None:
+      y = y + shortcut
+    expanded = y
     y = self.depthwise_conv(strides=self.stride, name="depthwise")(y)
     y = relu6(self.norm(name="depthwise_bn")(y))
-    y = conv_norm(self.conv, self.norm, y, self.out_channels, "project")
+    bottleneck_shortcut = has_shortcut and self.residual == "bottleneck"
+    y = conv_norm(self.conv, branch_end_norm if bottleneck_shortcut else self.norm,
+                  y, self.out_channels, "project")
     if self.bottleneck == "relu6":  # The paper's non-linear-bottleneck ablation.
       y = relu6(y)
-    if self.stride == 1 and in_channels == self.out_channels:
+    if bottleneck_shortcut:
       y = x + y
-    return y
+    hand_over = expanded if has_shortcut and self.residual == "expansion" else None
+    return y, hand_over
 
 
 class MobileNetV2(nn.Module):
   """MobileNetV2 classifier over NHWC images; returns logits.
 
-  Attributes mirror `config.model`; see `configs/default.py` for their meaning.
+  Attributes mirror `config.model`, documented in `mnv2_flax/config_lib.py`.
   """
 
   num_classes: int = 1000
   width_multiplier: float = 1.0
   expansion: int = 6
   bottleneck: str = "linear"
+  residual: str = "bottleneck"
+  zero_init_residual: bool = False
   stem_stride: int = 2
   stage_strides: Sequence[int] = PAPER_STAGE_STRIDES
   dropout_rate: float = 0.2
@@ -136,12 +165,12 @@ class MobileNetV2(nn.Module):
 
     x = relu6(conv_norm(conv, norm, x, make_divisible(32 * self.width_multiplier),
                         "stem", kernel_size=3, strides=self.stem_stride))
-    index = 0
+    index, shortcut = 0, None
     for (t, c, n, _), stride in zip(
         INVERTED_RESIDUAL_SETTING, self.stage_strides, strict=True
     ):
       for i in range(n):
-        x = block(
+        x, shortcut = block(
             out_channels=make_divisible(c * self.width_multiplier),
             stride=stride if i == 0 else 1,
             expansion=1 if t == 1 else self.expansion,
@@ -149,8 +178,10 @@ class MobileNetV2(nn.Module):
             depthwise_conv=depthwise_conv,
             norm=norm,
             bottleneck=self.bottleneck,
+            residual=self.residual,
+            zero_init_residual=self.zero_init_residual,
             name=f"block{index}",
-        )(x)
+        )(x, shortcut)
         index += 1
     last_channels = make_divisible(1280 * max(1.0, self.width_multiplier))
     x = relu6(conv_norm(conv, norm, x, last_channels, "head"))
@@ -174,6 +205,8 @@ def create_model(model_config: Any, num_classes: int) -> MobileNetV2:
       width_multiplier=model_config.width_multiplier,
       expansion=model_config.expansion,
       bottleneck=model_config.bottleneck,
+      residual=model_config.residual,
+      zero_init_residual=model_config.zero_init_residual,
       stem_stride=model_config.stem_stride,
       stage_strides=tuple(model_config.stage_strides),
       dropout_rate=model_config.dropout_rate,
@@ -197,8 +230,9 @@ def count_macs(model: nn.Module, variables: Any, image_shape: Sequence[int]) -> 
   def interceptor(next_fun, args, kwargs, context):
     nonlocal total
     out = next_fun(*args, **kwargs)
-    if context.method_name == "__call__":
-      module = context.module
+    module = context.module
+    if context.method_name == "__call__" and isinstance(
+        module, (layers.Conv, layers.DepthwiseConv, nn.Dense)):
       out_elems = 1
       for d in out.shape[1:]:
         out_elems *= d

@@ -1,5 +1,7 @@
 """MobileNetV2 architecture: sizes against the references, block rules, options."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,41 +59,97 @@ def test_expansion_changes_the_graph():
   assert "expand" not in params["block0"]  # The t = 1 block stays t = 1.
 
 
-def block_output(stride, in_channels, out_channels, bottleneck="linear"):
-  """An InvertedResidual whose projection BN outputs exactly zero."""
+def make_block(stride, in_channels, out_channels, *, bottleneck="linear",
+               residual="bottleneck", use_running_average=True, **kwargs):
+  """An InvertedResidual with flax's BatchNorm, and its variables on an input."""
   block = models.InvertedResidual(
       out_channels=out_channels, stride=stride, expansion=6,
       conv=layers.Conv, depthwise_conv=layers.DepthwiseConv,
-      norm=lambda name: nn.BatchNorm(use_running_average=True, name=name),
-      bottleneck=bottleneck)
+      norm=functools.partial(nn.BatchNorm, use_running_average=use_running_average),
+      bottleneck=bottleneck, residual=residual, **kwargs)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, in_channels))
-  variables = block.init(jax.random.PRNGKey(0), x)
+  return block, block.init(jax.random.PRNGKey(0), x), x
+
+
+def block_output(stride, in_channels, out_channels, residual="bottleneck", shortcut=None):
+  """(input, output, hand-over) of a block whose projection BN outputs exactly
+  zero and whose expansion BN outputs exactly 1 (scale 0, bias 1)."""
+  block, variables, x = make_block(stride, in_channels, out_channels, residual=residual)
   params = jax.tree.map(lambda p: p, variables["params"])
   params["project_bn"]["scale"] = jnp.zeros_like(params["project_bn"]["scale"])
-  return x, block.apply({**variables, "params": params}, x), block, variables
+  params["expand_bn"]["scale"] = jnp.zeros_like(params["expand_bn"]["scale"])
+  params["expand_bn"]["bias"] = jnp.ones_like(params["expand_bn"]["bias"])
+  y, hand_over = block.apply({**variables, "params": params}, x, shortcut)
+  return x, y, hand_over
 
 
 def test_residual_only_with_stride_1_and_equal_channels():
-  x, y, _, _ = block_output(stride=1, in_channels=16, out_channels=16)
+  x, y, hand_over = block_output(stride=1, in_channels=16, out_channels=16)
   np.testing.assert_allclose(y, x, atol=1e-6)  # Identity + zero branch.
-  _, y, _, _ = block_output(stride=1, in_channels=16, out_channels=24)
+  assert hand_over is None
+  _, y, _ = block_output(stride=1, in_channels=16, out_channels=24)
   np.testing.assert_allclose(y, 0.0, atol=1e-6)  # Channels differ: no shortcut.
-  _, y, _, _ = block_output(stride=2, in_channels=16, out_channels=16)
+  _, y, _ = block_output(stride=2, in_channels=16, out_channels=16)
   assert y.shape == (2, 4, 4, 16)
   np.testing.assert_allclose(y, 0.0, atol=1e-6)  # Stride 2: no shortcut.
+
+
+def test_expansion_shortcut_hands_the_expanded_activation_on():
+  # Figure 6b's "shortcut between expansions": no bottleneck shortcut; the
+  # expanded activation (here relu6(1) = 1 everywhere) goes to the next block,
+  # which adds it to its own expansion.
+  x, y, hand_over = block_output(1, 16, 16, residual="expansion")
+  np.testing.assert_allclose(y, 0.0, atol=1e-6)
+  np.testing.assert_allclose(hand_over, 1.0, atol=1e-6)
+  assert hand_over.shape == (2, 8, 8, 96)
+  assert block_output(2, 16, 16, residual="expansion")[2] is None  # Stride 2.
+  assert block_output(1, 16, 24, residual="expansion")[2] is None  # Widths differ.
+  # A received hand-over is added after the expansion's ReLU6, and handed on.
+  shortcut = jax.random.normal(jax.random.PRNGKey(5), (2, 8, 8, 96))
+  _, _, hand_over = block_output(1, 16, 16, residual="expansion", shortcut=shortcut)
+  np.testing.assert_allclose(hand_over, 1.0 + shortcut, atol=1e-6)
+  x, y, hand_over = block_output(1, 16, 16, residual="none")
+  np.testing.assert_allclose(y, 0.0, atol=1e-6)
+  assert hand_over is None
+
+
+@pytest.mark.parametrize("residual", models.RESIDUALS)
+def test_residual_variants_and_zero_init_keep_the_parameter_tree(residual):
+  paper = abstract_variables(models.MobileNetV2(num_classes=10), (32, 32, 3))
+  variant = models.MobileNetV2(num_classes=10, residual=residual, zero_init_residual=True)
+  variables = abstract_variables(variant, (32, 32, 3))
+  assert jax.tree.map(lambda v: v.shape, variables) == jax.tree.map(lambda v: v.shape, paper)
+  logits = jax.eval_shape(lambda v: variant.apply(v, jnp.zeros((2, 32, 32, 3))), variables)
+  assert logits.shape == (2, 10)
+
+
+def test_zero_init_residual_starts_each_residual_branch_as_the_identity():
+  for residual, branch_end in (("bottleneck", "project_bn"), ("expansion", "expand_bn")):
+    model = models.MobileNetV2(num_classes=10, width_multiplier=0.35, stem_stride=1,
+                               residual=residual, zero_init_residual=True)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    zeroed = {name for name, block in params.items()
+              if branch_end in block and not np.any(block[branch_end]["scale"])}
+    # The 10 blocks with stride 1 and equal widths (bottleneck shortcut), or
+    # the 10 blocks that receive their predecessor's expansion.
+    expected = ({"block2", "block4", "block5", "block7", "block8", "block9",
+                 "block11", "block12", "block14", "block15"} if residual == "bottleneck"
+                else {"block3", "block5", "block6", "block8", "block9", "block10",
+                      "block12", "block13", "block15", "block16"})
+    assert zeroed == expected
+    others = [leaf for name, block in params.items() for key, bn in block.items()
+              if key.endswith("_bn") and not (name in expected and key == branch_end)
+              for leaf in (bn["scale"],)]
+    assert all(np.all(leaf == 1.0) for leaf in others)
 
 
 def test_bottleneck_relu6_clips_the_projection():
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 16))
   outputs = {}
   for bottleneck in models.BOTTLENECKS:
-    block = models.InvertedResidual(
-        out_channels=24, stride=1, expansion=6, conv=layers.Conv,
-        depthwise_conv=layers.DepthwiseConv,
-        norm=lambda name: nn.BatchNorm(use_running_average=False, name=name),
-        bottleneck=bottleneck)
-    variables = block.init(jax.random.PRNGKey(0), x)
-    outputs[bottleneck], _ = block.apply(variables, x, mutable=["batch_stats"])
+    block, variables, _ = make_block(1, 16, 24, bottleneck=bottleneck,
+                                     use_running_average=False)
+    (outputs[bottleneck], _), _ = block.apply(variables, x, mutable=["batch_stats"])
   assert float(outputs["linear"].min()) < -0.5  # BN output: ~N(0, 1).
   assert float(outputs["relu6"].min()) >= 0.0
   assert float(outputs["relu6"].max()) <= 6.0
