@@ -123,8 +123,9 @@ KEYS: tuple[Key, ...] = (
     Key("model.bottleneck", "linear", _choice(models.BOTTLENECKS)),
     # Where the shortcut goes (Figure 6b): "bottleneck" (paper) | "expansion" | "none".
     Key("model.residual", "bottleneck", _choice(models.RESIDUALS)),
-    # Each residual branch's last BatchNorm starts with scale 0 (an identity).
-    Key("model.zero_init_residual", False, _BOOL),
+    # Each residual branch's last BatchNorm starts with scale 0 (an identity):
+    # tames BatchNorm's gradient explosion at initialisation (docs/ablations.md).
+    Key("model.zero_init_residual", True, _BOOL),
     Key("model.stem_stride", 1, _STRIDE),
     Key("model.stage_strides", models.PAPER_STAGE_STRIDES,
         _tuple(_STRIDE, (len(models.INVERTED_RESIDUAL_SETTING),))),
