@@ -13,7 +13,8 @@ one per GPU, that find each other through jax.distributed:
   local.py      N processes on this machine: the multi-host code path on CPU.
   slurm.sbatch  A SLURM cluster, one task per GPU.
   tpu_vm.sh     A multi-host Cloud TPU slice, one process per TPU VM worker.
-  sweep.py      A list of config overrides, one run after another.
+  sweep.py      A sweep file's points x seeds: local workers or SLURM job arrays,
+                resumable; report.py turns its WORKDIR into tables and plots.
 
 Every process of a job must see the same WORKDIR, a local path on a shared
 filesystem: all of them write the checkpoints, process 0 writes results.json.

@@ -30,20 +30,29 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Sequence
+from collections.abc import Sequence
+from typing import IO
 
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_processes", 2, "Number of processes.", lower_bound=1)
-flags.DEFINE_integer("devices_per_process", None,
-                     "CPU devices per process (XLA's forced host device count); "
-                     "unset: the backend's own devices.", lower_bound=1)
+flags.DEFINE_integer(
+    "devices_per_process",
+    None,
+    "CPU devices per process (XLA's forced host device count); "
+    "unset: the backend's own devices.",
+    lower_bound=1,
+)
 flags.DEFINE_integer("port", None, "Coordinator port; a free one if unset.")
 
 # Set by the launcher itself; passing them after `--` would contradict it.
-RESERVED_FLAGS = ("--coordinator_address", "--num_processes", "--process_id",
-                  "--jax_distributed_auto")
+RESERVED_FLAGS = (
+    "--coordinator_address",
+    "--num_processes",
+    "--process_id",
+    "--jax_distributed_auto",
+)
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -57,8 +66,7 @@ def child_env(devices_per_process: int | None) -> dict[str, str]:
   """This environment (JAX_PLATFORMS etc. pass through) plus the device count."""
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   if devices_per_process is not None:
-    kept = [f for f in env.get("XLA_FLAGS", "").split()
-            if not f.startswith(DEVICE_COUNT_FLAG)]
+    kept = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
     env["XLA_FLAGS"] = " ".join(kept + [f"{DEVICE_COUNT_FLAG}={devices_per_process}"])
   return env
 
@@ -87,10 +95,12 @@ class Job:
     for i, command in enumerate(commands):
       # A session of its own: a terminal's Ctrl-C reaches the launcher only,
       # which then sends SIGTERM (the notice JAX's preemption sync acts on).
-      p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, start_new_session=True)
+      p = subprocess.Popen(
+          command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+      )
       relay_thread = threading.Thread(
-          target=relay, args=(p.stdout, f"[{i}] ".encode(), lock), daemon=True)
+          target=relay, args=(p.stdout, f"[{i}] ".encode(), lock), daemon=True
+      )
       relay_thread.start()
       self.processes.append(p)
       self._relays.append(relay_thread)
@@ -117,8 +127,7 @@ class Job:
       failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
       if failed:
         i = failed[0]
-        logging.error("Process %d exited with status %d; killing the others.",
-                      i, codes[i])
+        logging.error("Process %d exited with status %d; killing the others.", i, codes[i])
         self.send(signal.SIGKILL)
         status = exit_status(codes[i])
         break
@@ -140,13 +149,18 @@ def main(argv: list[str]) -> None:
       raise app.UsageError(f"{flag.split('=', 1)[0]} is set by the launcher")
   port = FLAGS.port or free_port()
   commands = [
-      [sys.executable, "-m", "mnv2_flax.main", *child_flags,
-       f"--coordinator_address=localhost:{port}",
-       f"--num_processes={FLAGS.num_processes}", f"--process_id={i}"]
+      [
+          sys.executable,
+          "-m",
+          "mnv2_flax.main",
+          *child_flags,
+          f"--coordinator_address=localhost:{port}",
+          f"--num_processes={FLAGS.num_processes}",
+          f"--process_id={i}",
+      ]
       for i in range(FLAGS.num_processes)
   ]
-  logging.info("Starting %d processes, coordinator localhost:%d.",
-               FLAGS.num_processes, port)
+  logging.info("Starting %d processes, coordinator localhost:%d.", FLAGS.num_processes, port)
   job = Job(commands, child_env(FLAGS.devices_per_process))
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, job.on_signal)

@@ -27,22 +27,26 @@ import logging
 import os
 import sys
 import types
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from absl import flags
 import numpy as np
 import pandas as pd
+from absl import flags
 from scipy import stats
 
 from launch import sweep_lib
 from launch.sweep_lib import DONE, UsageError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("reference", None, "The point the paired differences compare "
-                    "to (default: the paper's block, else the first point).")
+flags.DEFINE_string(
+    "reference",
+    None,
+    "The point the paired differences compare "
+    "to (default: the paper's block, else the first point).",
+)
 
-PAPER_BLOCK = {"model.expansion": 6, "model.bottleneck": "linear",
-               "model.residual": "bottleneck"}
+PAPER_BLOCK = {"model.expansion": 6, "model.bottleneck": "linear", "model.residual": "bottleneck"}
 METRICS = ("top1", "top5", "loss", "step", "wall_clock_s", "num_params", "macs")
 CURVES = {"eval_top1": "eval top-1 (%)", "loss": "train loss"}  # Event tag: axis.
 
@@ -60,18 +64,26 @@ def load_runs(workdir: str) -> tuple[dict[str, Any], pd.DataFrame]:
   """The manifest, and a row per run: overrides, status, results."""
   manifest = sweep_lib.read_manifest(workdir)
   if manifest is None:
-    raise UsageError(f"{workdir}: no {sweep_lib.MANIFEST_FILE}; is it a sweep's "
-                     "--workdir?")
+    raise UsageError(f"{workdir}: no {sweep_lib.MANIFEST_FILE}; is it a sweep's --workdir?")
   keys = list(dict.fromkeys(k for p in manifest["points"] for k in p["overrides"]))
   rows = []
   for point, seed, directory in sweep_lib.manifest_runs(manifest, workdir):
     state = sweep_lib.run_state(directory)
-    results = (sweep_lib.read_json(os.path.join(directory, sweep_lib.RESULTS_FILE))
-               if state == DONE else None) or {}
-    rows.append({"point": point["name"], "seed": seed,
-                 **{k: point["overrides"].get(k) for k in keys}, "status": state,
-                 **{m: results.get(m, np.nan) for m in METRICS},
-                 "directory": directory})
+    results = (
+        sweep_lib.read_json(os.path.join(directory, sweep_lib.RESULTS_FILE))
+        if state == DONE
+        else None
+    ) or {}
+    rows.append(
+        {
+            "point": point["name"],
+            "seed": seed,
+            **{k: point["overrides"].get(k) for k in keys},
+            "status": state,
+            **{m: results.get(m, np.nan) for m in METRICS},
+            "directory": directory,
+        }
+    )
   runs = pd.DataFrame(rows)
   # Sizes are the point's, whatever the seed: fill them in from any finished run.
   for size in ("num_params", "macs"):
@@ -86,8 +98,7 @@ def default_reference(points: Sequence[dict[str, Any]]) -> str:
       values.setdefault(key, set()).add(str(value))
   varied = [key for key in PAPER_BLOCK if len(values.get(key, ())) > 1]
   for point in points:
-    if varied and all(str(point["overrides"].get(k)) == str(PAPER_BLOCK[k])
-                      for k in varied):
+    if varied and all(str(point["overrides"].get(k)) == str(PAPER_BLOCK[k]) for k in varied):
       return point["name"]
   return points[0]["name"]
 
@@ -102,11 +113,22 @@ def point_stats(runs: pd.DataFrame, reference: str) -> pd.DataFrame:
     mean, half = mean_ci(100 * finished.top1)
     pairs = finished.set_index("seed").top1.sub(ref).dropna()
     diff, diff_half = mean_ci(100 * pairs)
-    rows.append({"point": name, "n": len(finished), "runs": len(group),
-                 "mean": mean, "ci": half, "min": 100 * finished.top1.min(),
-                 "max": 100 * finished.top1.max(), "diff": diff, "diff_ci": diff_half,
-                 "pairs": len(pairs), "num_params": group.num_params.iloc[0],
-                 "macs": group.macs.iloc[0]})
+    rows.append(
+        {
+            "point": name,
+            "n": len(finished),
+            "runs": len(group),
+            "mean": mean,
+            "ci": half,
+            "min": 100 * finished.top1.min(),
+            "max": 100 * finished.top1.max(),
+            "diff": diff,
+            "diff_ci": diff_half,
+            "pairs": len(pairs),
+            "num_params": group.num_params.iloc[0],
+            "macs": group.macs.iloc[0],
+        }
+    )
   return pd.DataFrame(rows)
 
 
@@ -124,40 +146,55 @@ def _millions(value: float) -> str:
   return "–" if pd.isna(value) else f"{value / 1e6:.2f} M"
 
 
-def markdown(manifest: dict[str, Any], runs: pd.DataFrame, table: pd.DataFrame,
-             reference: str, plots: Sequence[str]) -> str:
+def markdown(
+    manifest: dict[str, Any],
+    runs: pd.DataFrame,
+    table: pd.DataFrame,
+    reference: str,
+    plots: Sequence[str],
+) -> str:
   counts = runs.status.value_counts()
   lines = [
-      f"# Sweep {manifest['sweep_file']}", "",
+      f"# Sweep {manifest['sweep_file']}",
+      "",
       f"Base config: {manifest['config'] or 'the embedded default'}"
       + (f", BASE {manifest['base']}" if manifest["base"] else "")
-      + (f", flags `{' '.join(manifest['extra_flags'])}`"
-         if manifest["extra_flags"] else "")
+      + (f", flags `{' '.join(manifest['extra_flags'])}`" if manifest["extra_flags"] else "")
       + f"; seeds {', '.join(map(str, manifest['seeds']))}; git commit "
-      f"{manifest.get('git_commit') or 'unknown'}.", "",
-      f"{len(runs)} runs: " + ", ".join(f"{counts[s]} {s}" for s in sweep_lib.STATES
-                                       if s in counts) + ".", "",
+      f"{manifest.get('git_commit') or 'unknown'}.",
+      "",
+      f"{len(runs)} runs: "
+      + ", ".join(f"{counts[s]} {s}" for s in sweep_lib.STATES if s in counts)
+      + ".",
+      "",
       "Test top-1 (%) over the finished seeds of each point: mean ± the half-width "
       "of its 95 % confidence interval (Student t, n - 1 degrees of freedom; none "
       f"for n < 2). Δ: the difference to `{reference}`, paired by seed (the seeds "
-      "both finished), ± its 95 % CI.", "",
+      "both finished), ± its 95 % CI.",
+      "",
       "| point | n | top-1 (%) | min | max | Δ (pairs) | params | MACs |",
       "|---|---|---|---|---|---|---|---|",
   ]
   for row in table.itertuples():
-    delta = ("reference" if row.point == reference else
-             f"{_with_ci(row.diff, row.diff_ci, sign=True)} ({row.pairs})")
-    lines.append(f"| {row.point} | {row.n}/{row.runs} | {_with_ci(row.mean, row.ci)} | "
-                 f"{_number(row.min)} | {_number(row.max)} | {delta} | "
-                 f"{_millions(row.num_params)} | {_millions(row.macs)} |")
+    delta = (
+        "reference"
+        if row.point == reference
+        else f"{_with_ci(row.diff, row.diff_ci, sign=True)} ({row.pairs})"
+    )
+    lines.append(
+        f"| {row.point} | {row.n}/{row.runs} | {_with_ci(row.mean, row.ci)} | "
+        f"{_number(row.min)} | {_number(row.max)} | {delta} | "
+        f"{_millions(row.num_params)} | {_millions(row.macs)} |"
+    )
   missing = runs[runs.status != DONE]
   lines += ["", "## Runs not finished", ""]
   if missing.empty:
     lines.append("None: every run finished.")
   for row in missing.itertuples():
     detail = sweep_lib.state_detail(row.directory, row.status)
-    lines.append(f"- {row.point} seed {row.seed}: {row.status}"
-                 + (f" ({detail})" if detail else ""))
+    lines.append(
+        f"- {row.point} seed {row.seed}: {row.status}" + (f" ({detail})" if detail else "")
+    )
   if plots:
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
   return "\n".join(lines) + "\n"
@@ -165,8 +202,10 @@ def markdown(manifest: dict[str, Any], runs: pd.DataFrame, table: pd.DataFrame,
 
 def _pyplot() -> Any:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   return plt
 
 
@@ -182,18 +221,25 @@ def plot_top1(runs: pd.DataFrame, keys: Sequence[str], path: str) -> None:
   if "model.expansion" in varied_keys(runs, keys):
     others = [k for k in varied_keys(runs, keys) if k != "model.expansion"]
     with_t = done.dropna(subset=["model.expansion"])
-    groups = (with_t.groupby(others, sort=False, dropna=False) if others
-              else [((), with_t)])
+    groups = with_t.groupby(others, sort=False, dropna=False) if others else [((), with_t)]
     for i, (values, group) in enumerate(groups):
-      label = ",".join(f"{k.rsplit('.', 1)[-1]}={v}"
-                       for k, v in zip(others, np.atleast_1d(values))) or "top-1"
+      label = (
+          ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(others, np.atleast_1d(values)))
+          or "top-1"
+      )
       summary = [(t, *mean_ci(g.top1)) for t, g in group.groupby("model.expansion")]
       t, mean, half = np.array(summary, dtype=float).T
       offset = 0.08 * i  # Dodges the groups' bars and dots.
-      line = ax.errorbar(t + offset, mean, yerr=np.nan_to_num(half), marker="o",
-                         capsize=3, label=label)
-      ax.scatter(group["model.expansion"].astype(float) + offset, group.top1, s=12,
-                 alpha=0.4, color=line[0].get_color())
+      line = ax.errorbar(
+          t + offset, mean, yerr=np.nan_to_num(half), marker="o", capsize=3, label=label
+      )
+      ax.scatter(
+          group["model.expansion"].astype(float) + offset,
+          group.top1,
+          s=12,
+          alpha=0.4,
+          color=line[0].get_color(),
+      )
     ax.set_xticks(sorted(set(runs["model.expansion"].dropna().astype(float))))
     ax.set_xlabel("expansion ratio t")
     ax.legend()
@@ -215,8 +261,7 @@ def read_scalars(directory: str, tags: Sequence[str]) -> dict[str, dict[int, flo
   """{tag: {step: value}} from a run's event files (clu writes tensors)."""
   # tensorboard reads event files with its own TensorFlow stub when this marker
   # module exists; importing the real TensorFlow would take seconds.
-  sys.modules.setdefault("tensorboard.compat.notf",
-                         types.ModuleType("tensorboard.compat.notf"))
+  sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
   # pylint: disable=g-import-not-at-top
   from tensorboard.backend.event_processing import event_accumulator
   from tensorboard.util import tb_logging, tensor_util
@@ -225,14 +270,16 @@ def read_scalars(directory: str, tags: Sequence[str]) -> dict[str, dict[int, flo
   tb_logging.get_logger().setLevel(logging.WARNING)  # Not a line per event file.
 
   accumulator = event_accumulator.EventAccumulator(
-      directory, size_guidance={"tensors": 0, "scalars": 0})
+      directory, size_guidance={"tensors": 0, "scalars": 0}
+  )
   accumulator.Reload()
   available = accumulator.Tags()
   series = {}
   for tag in tags:
     if tag in available["tensors"]:
-      series[tag] = {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
-                     for e in accumulator.Tensors(tag)}
+      series[tag] = {
+          e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in accumulator.Tensors(tag)
+      }
     elif tag in available["scalars"]:
       series[tag] = {e.step: e.value for e in accumulator.Scalars(tag)}
   return series
@@ -248,8 +295,9 @@ def learning_curves(runs: pd.DataFrame) -> dict[str, dict[str, pd.DataFrame]]:
     for tag, values in read_scalars(row.directory, list(CURVES)).items():
       column = pd.Series(values, name=row.seed, dtype=float)
       table = curves[tag].get(row.point)
-      curves[tag][row.point] = (column.to_frame() if table is None
-                                else table.join(column, how="outer"))
+      curves[tag][row.point] = (
+          column.to_frame() if table is None else table.join(column, how="outer")
+      )
   return curves
 
 
@@ -263,10 +311,14 @@ def plot_curves(curves: dict[str, dict[str, pd.DataFrame]], path: str) -> None:
     for name, table in curves[tag].items():
       table = table.sort_index() * scale
       color = colors[names.index(name)]
-      ax.plot(table.index, table.mean(axis=1), marker="o" if len(table) < 20 else None,
-              color=color, label=name)
-      ax.fill_between(table.index, table.min(axis=1), table.max(axis=1), color=color,
-                      alpha=0.2)
+      ax.plot(
+          table.index,
+          table.mean(axis=1),
+          marker="o" if len(table) < 20 else None,
+          color=color,
+          label=name,
+      )
+      ax.fill_between(table.index, table.min(axis=1), table.max(axis=1), color=color, alpha=0.2)
     ax.set_xlabel("step")
     ax.set_ylabel(f"{axis_label}: mean, min-max over seeds")
     ax.grid(alpha=0.3)
@@ -282,14 +334,16 @@ def write_report(workdir: str, reference: str | None = None) -> str:
   names = [p["name"] for p in manifest["points"]]
   reference = reference or default_reference(manifest["points"])
   if reference not in names:
-    raise UsageError(f"--reference={reference}: not a point of the sweep "
-                     f"({', '.join(names)})")
-  keys = list(runs.columns[2:runs.columns.get_loc("status")])
+    raise UsageError(f"--reference={reference}: not a point of the sweep ({', '.join(names)})")
+  keys = list(runs.columns[2 : runs.columns.get_loc("status")])
   runs.drop(columns="directory").to_csv(os.path.join(workdir, "results.csv"), index=False)
   plots = []
   if (runs.status == DONE).any():
-    plots.append("top1_vs_expansion.png" if "model.expansion" in varied_keys(runs, keys)
-                 else "top1_by_point.png")
+    plots.append(
+        "top1_vs_expansion.png"
+        if "model.expansion" in varied_keys(runs, keys)
+        else "top1_by_point.png"
+    )
     plot_top1(runs, keys, os.path.join(workdir, plots[-1]))
   curves = learning_curves(runs)
   if any(curves.values()):

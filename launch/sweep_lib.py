@@ -36,7 +36,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Mapping, NoReturn, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn
 
 from absl import app, flags
 
@@ -100,8 +101,7 @@ class SweepFile:
 
 
 def point_name(overrides: Mapping[str, Any], names: Mapping[str, str]) -> str:
-  parts = [f"{names.get(key, key.rsplit('.', 1)[-1])}={value}"
-           for key, value in overrides.items()]
+  parts = [f"{names.get(key, key.rsplit('.', 1)[-1])}={value}" for key, value in overrides.items()]
   name = ",".join(parts).replace(" ", "") or "base"
   return re.sub(r"[^\w.,=+-]+", "_", name)  # A directory name: no slashes...
 
@@ -130,10 +130,11 @@ def load_sweep_file(path: str) -> SweepFile:
     sys.path.remove(directory)
   if points is None:
     raise UsageError(f"--sweep={path}: defines no get_sweep()")
-  if not (isinstance(points, list) and points
-          and all(_string_keyed_dict(p) for p in points)):
-    raise UsageError(f"--sweep={path}: get_sweep() must return a non-empty list of "
-                     f"{{config key: value}} dicts, got {str(points)[:80]}")
+  if not (isinstance(points, list) and points and all(_string_keyed_dict(p) for p in points)):
+    raise UsageError(
+        f"--sweep={path}: get_sweep() must return a non-empty list of "
+        f"{{config key: value}} dicts, got {str(points)[:80]}"
+    )
   config = getattr(module, "CONFIG", None)
   base = getattr(module, "BASE", {})
   names = getattr(module, "NAMES", {})
@@ -146,8 +147,10 @@ def load_sweep_file(path: str) -> SweepFile:
   counts = collections.Counter(point.name for point in named)
   duplicates = sorted(name for name, count in counts.items() if count > 1)
   if duplicates:
-    raise UsageError(f"--sweep={path}: several points are named {', '.join(duplicates)}"
-                     " (identical overrides, or NAMES too short)")
+    raise UsageError(
+        f"--sweep={path}: several points are named {', '.join(duplicates)}"
+        " (identical overrides, or NAMES too short)"
+    )
   return SweepFile(path, config, base, named)
 
 
@@ -179,11 +182,15 @@ def read_manifest(workdir: str) -> dict[str, Any] | None:
   return read_json(os.path.join(workdir, MANIFEST_FILE))
 
 
-def manifest_runs(manifest: Mapping[str, Any], workdir: str
-                  ) -> list[tuple[dict[str, Any], int, str]]:
+def manifest_runs(
+    manifest: Mapping[str, Any], workdir: str
+) -> list[tuple[dict[str, Any], int, str]]:
   """(point, seed, run directory) of every run, point by point."""
-  return [(point, seed, run_dir(workdir, point["name"], seed))
-          for point in manifest["points"] for seed in manifest["seeds"]]
+  return [
+      (point, seed, run_dir(workdir, point["name"], seed))
+      for point in manifest["points"]
+      for seed in manifest["seeds"]
+  ]
 
 
 # Locks: a run's RUNNING file is flock-ed by the launcher and inherited by the
@@ -243,8 +250,7 @@ def run_state(directory: str) -> str:
 
 def latest_checkpoint_step(directory: str) -> int | None:
   try:
-    steps = [int(d) for d in os.listdir(os.path.join(directory, "checkpoints"))
-             if d.isdigit()]
+    steps = [int(d) for d in os.listdir(os.path.join(directory, "checkpoints")) if d.isdigit()]
   except OSError:
     return None
   return max(steps, default=None)
@@ -254,14 +260,21 @@ def state_detail(directory: str, state: str) -> str:
   """One line on a run: its accuracy, its failure, who runs it, how far it got."""
   if state == DONE:
     results = read_json(os.path.join(directory, RESULTS_FILE)) or {}
-    return (f"top1 {100 * results.get('top1', float('nan')):.2f} %, step "
-            f"{results.get('step')}, {results.get('wall_clock_s', 0):.0f} s")
+    return (
+        f"top1 {100 * results.get('top1', float('nan')):.2f} %, step "
+        f"{results.get('step')}, {results.get('wall_clock_s', 0):.0f} s"
+    )
   if state == FAILED:
     failure = read_json(os.path.join(directory, FAILED_FILE)) or {}
-    tail = [line for line in failure.get("log_tail", [])
-            if line.strip() and not line.startswith((ATTEMPT_MARK, EXIT_MARK))]
-    return (f"exit {failure.get('exit_code')} after {failure.get('attempts')} "
-            f"attempt(s): {tail[-1].strip()[:100] if tail else 'no output'}")
+    tail = [
+        line
+        for line in failure.get("log_tail", [])
+        if line.strip() and not line.startswith((ATTEMPT_MARK, EXIT_MARK))
+    ]
+    return (
+        f"exit {failure.get('exit_code')} after {failure.get('attempts')} "
+        f"attempt(s): {tail[-1].strip()[:100] if tail else 'no output'}"
+    )
   parts = []
   if state == RUNNING:
     holder = lock_holder(directory) or {}
@@ -278,6 +291,7 @@ def state_detail(directory: str, state: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One training run: a point at a seed, its directory and its command."""
+
   point: str
   seed: int
   directory: str
@@ -293,24 +307,35 @@ def exit_status(returncode: int) -> int:
   return returncode if returncode >= 0 else 128 - returncode
 
 
-def start_attempt(run: Run, attempt: int, lock_fd: int, *,
-                  env: Mapping[str, str] | None = None,
-                  cpus: Sequence[int] | None = None) -> subprocess.Popen:
+def start_attempt(
+    run: Run,
+    attempt: int,
+    lock_fd: int,
+    *,
+    env: Mapping[str, str] | None = None,
+    cpus: Sequence[int] | None = None,
+) -> subprocess.Popen:
   """Starts the run's command, appending its output to log.txt after a `==> ` line."""
   where = f", cpus {','.join(map(str, cpus))}" if cpus else ""
   env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
   with open(os.path.join(run.directory, LOG_FILE), "a") as log:
-    log.write(f"{ATTEMPT_MARK}{time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempt} on "
-              f"{socket.gethostname()}{where}: {shlex.join(run.command)}\n")
+    log.write(
+        f"{ATTEMPT_MARK}{time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempt} on "
+        f"{socket.gethostname()}{where}: {shlex.join(run.command)}\n"
+    )
     log.flush()
     proc = subprocess.Popen(
-        run.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+        run.command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
         # Pinned before exec, so XLA's and TF's thread pools size to the share.
         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         # Its own session: a terminal's Ctrl-C reaches the launcher only,
         # which stops the runs with SIGTERM (they checkpoint, then exit).
         start_new_session=True,
-        pass_fds=(lock_fd,))  # The run holds its lock even if we die.
+        pass_fds=(lock_fd,),
+    )  # The run holds its lock even if we die.
   describe_lock(lock_fd, proc.pid)
   return proc
 
@@ -336,10 +361,17 @@ def log_tail(path: str, lines: int = 20) -> list[str]:
 
 def record_failure(run: Run, returncode: int, attempts: int) -> None:
   log = os.path.join(run.directory, LOG_FILE)
-  write_json(os.path.join(run.directory, FAILED_FILE), {
-      "exit_code": exit_status(returncode), "attempts": attempts,
-      "time": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname(),
-      "log": log, "log_tail": log_tail(log)})
+  write_json(
+      os.path.join(run.directory, FAILED_FILE),
+      {
+          "exit_code": exit_status(returncode),
+          "attempts": attempts,
+          "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "host": socket.gethostname(),
+          "log": log,
+          "log_tail": log_tail(log),
+      },
+  )
 
 
 def clear_failure(run: Run) -> None:
@@ -387,9 +419,11 @@ class SlurmTask:
         if outcome != FAILED:
           return outcome
       record_failure(self.run, returncode, attempt)
-      raise RuntimeError(f"{self.run.label} failed with exit status "
-                         f"{exit_status(returncode)}: see "
-                         f"{os.path.join(self.run.directory, LOG_FILE)}")
+      raise RuntimeError(
+          f"{self.run.label} failed with exit status "
+          f"{exit_status(returncode)}: see "
+          f"{os.path.join(self.run.directory, LOG_FILE)}"
+      )
     finally:
       release_lock(self.run.directory, lock_fd)
 

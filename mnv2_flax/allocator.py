@@ -21,8 +21,11 @@ def use_huge_page_malloc() -> None:
   MNV2_HUGE_PAGE_MALLOC=0.
   """
   tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if (not sys.platform.startswith("linux") or "glibc.malloc." in tunables
-      or os.environ.get("MNV2_HUGE_PAGE_MALLOC", "1") == "0"):
+  if (
+      not sys.platform.startswith("linux")
+      or "glibc.malloc." in tunables
+      or os.environ.get("MNV2_HUGE_PAGE_MALLOC", "1") == "0"
+  ):
     return
   os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, *MALLOC_TUNABLES]))
   os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

@@ -26,7 +26,8 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -44,37 +45,55 @@ JPEG_HEIGHT, JPEG_WIDTH, JPEG_QUALITY = 375, 500, 90
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog="python -m mnv2_flax.benchmark", description=__doc__.split("\n")[0])
+      prog="python -m mnv2_flax.benchmark", description=__doc__.split("\n")[0]
+  )
   parser.add_argument("--width", type=float, default=1.0, help="Width multiplier.")
   parser.add_argument("--image_size", type=int, default=224)
-  parser.add_argument("--batch_size", type=int, default=32,
-                      help="Training, batched-inference and pipeline batch.")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                      help="Compute dtype (bfloat16: params and BN stay float32).")
+  parser.add_argument(
+      "--batch_size", type=int, default=32, help="Training, batched-inference and pipeline batch."
+  )
+  parser.add_argument(
+      "--dtype",
+      choices=("float32", "bfloat16"),
+      default="float32",
+      help="Compute dtype (bfloat16: params and BN stay float32).",
+  )
   parser.add_argument("--conv_impl", choices=layers.CONV_IMPLS, default="auto")
   parser.add_argument("--num_classes", type=int, default=1000)
-  parser.add_argument("--remat", action="store_true",
-                      help="Rematerialise each block (less memory, more compute).")
-  parser.add_argument("--steps", type=int, default=20,
-                      help="Timed iterations of each measurement.")
-  parser.add_argument("--warmup", type=int, default=3,
-                      help="Untimed iterations before each measurement.")
-  parser.add_argument("--compare", default="",
-                      help="Comma list from keras,torch: also run these on the "
-                      "same batch.")
-  parser.add_argument("--keras_jit_compile", choices=("auto", "true", "false"),
-                      default="auto",
-                      help="Keras' XLA switch; auto is Keras' default (off on CPU).")
-  parser.add_argument("--pipeline", action="store_true",
-                      help="Also time the tf.data training input pipeline.")
-  parser.add_argument("--pipeline_images", type=int, default=200,
-                      help="Number of generated JPEGs.")
-  parser.add_argument("--pipeline_batches", type=int, default=50,
-                      help="Timed batches per pipeline and thread count.")
-  parser.add_argument("--skip_model", action="store_true",
-                      help="Skip the model benchmarks (with --pipeline).")
-  parser.add_argument("--json", dest="json_path", default="",
-                      help="Write all results to this file.")
+  parser.add_argument(
+      "--remat", action="store_true", help="Rematerialise each block (less memory, more compute)."
+  )
+  parser.add_argument("--steps", type=int, default=20, help="Timed iterations of each measurement.")
+  parser.add_argument(
+      "--warmup", type=int, default=3, help="Untimed iterations before each measurement."
+  )
+  parser.add_argument(
+      "--compare",
+      default="",
+      help="Comma list from keras,torch: also run these on the same batch.",
+  )
+  parser.add_argument(
+      "--keras_jit_compile",
+      choices=("auto", "true", "false"),
+      default="auto",
+      help="Keras' XLA switch; auto is Keras' default (off on CPU).",
+  )
+  parser.add_argument(
+      "--pipeline", action="store_true", help="Also time the tf.data training input pipeline."
+  )
+  parser.add_argument("--pipeline_images", type=int, default=200, help="Number of generated JPEGs.")
+  parser.add_argument(
+      "--pipeline_batches",
+      type=int,
+      default=50,
+      help="Timed batches per pipeline and thread count.",
+  )
+  parser.add_argument(
+      "--skip_model", action="store_true", help="Skip the model benchmarks (with --pipeline)."
+  )
+  parser.add_argument(
+      "--json", dest="json_path", default="", help="Write all results to this file."
+  )
   args = parser.parse_args(argv)
   requested = {name for name in args.compare.split(",") if name}
   unknown = requested - set(FRAMEWORKS)
@@ -118,8 +137,9 @@ def measure_train(train_step: Callable[[], Any], args: argparse.Namespace) -> Re
   }
 
 
-def measure_infer(infer: Callable[[Any], Any], image_b1: Any, images: Any,
-                  args: argparse.Namespace) -> Result:
+def measure_infer(
+    infer: Callable[[Any], Any], image_b1: Any, images: Any, args: argparse.Namespace
+) -> Result:
   """Batch-1 latency and batch-B throughput of `infer` (which must block)."""
   # warmup + 1: the first call of each input shape traces and compiles.
   b1_s = time_calls(lambda: infer(image_b1), args.warmup + 1, args.steps)
@@ -150,8 +170,11 @@ def current_rss_mb() -> float:
 
 
 def host_memory(start_mb: float) -> Result:
-  return {"peak_mb": peak_rss_mb(), "start_rss_mb": start_mb,
-          "peak_memory": "host max RSS (process, incl. libraries)"}
+  return {
+      "peak_mb": peak_rss_mb(),
+      "start_rss_mb": start_mb,
+      "peak_memory": "host max RSS (process, incl. libraries)",
+  }
 
 
 def num_cores() -> int:
@@ -210,13 +233,19 @@ def benchmark_jax(args: argparse.Namespace) -> tuple[Result, dict[str, np.ndarra
   variables = jax.device_put(state.eval_variables(), device)
   apply = jax.jit(lambda v, x: s.model.apply(v, x, train=False))
   images = host_batch["image"]
-  result.update(measure_infer(
-      lambda x: jax.block_until_ready(apply(variables, x)),
-      jax.device_put(images[:1], device), jax.device_put(images, device), args))
+  result.update(
+      measure_infer(
+          lambda x: jax.block_until_ready(apply(variables, x)),
+          jax.device_put(images[:1], device),
+          jax.device_put(images, device),
+          args,
+      )
+  )
   stats = device.memory_stats() or {}
   if "peak_bytes_in_use" in stats:
-    result.update(peak_mb=stats["peak_bytes_in_use"] / 2**20,
-                  peak_memory="device peak_bytes_in_use")
+    result.update(
+        peak_mb=stats["peak_bytes_in_use"] / 2**20, peak_memory="device peak_bytes_in_use"
+    )
   else:
     result.update(host_memory(start_mb))
   result.update(
@@ -245,18 +274,20 @@ def benchmark_keras(args: argparse.Namespace, batch: dict[str, np.ndarray]) -> R
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   if keras.backend.backend() != "tensorflow":
-    return {"skipped": f"keras already imported with the {keras.backend.backend()} "
-                       "backend"}
+    return {"skipped": f"keras already imported with the {keras.backend.backend()} backend"}
   reset_peak_rss()
   start_mb = current_rss_mb()
   size = args.image_size
   policy = keras.config.dtype_policy()
-  keras.config.set_dtype_policy(
-      "mixed_bfloat16" if args.dtype == "bfloat16" else "float32")
+  keras.config.set_dtype_policy("mixed_bfloat16" if args.dtype == "bfloat16" else "float32")
   try:
     model = keras.applications.MobileNetV2(
-        input_shape=(size, size, 3), alpha=args.width, weights=None,
-        classes=args.num_classes, classifier_activation=None)
+        input_shape=(size, size, 3),
+        alpha=args.width,
+        weights=None,
+        classes=args.num_classes,
+        classifier_activation=None,
+    )
   finally:
     keras.config.set_dtype_policy(policy)
   jit_compile = {"auto": "auto", "true": True, "false": False}[args.keras_jit_compile]
@@ -264,10 +295,10 @@ def benchmark_keras(args: argparse.Namespace, batch: dict[str, np.ndarray]) -> R
   model.compile(
       optimizer=keras.optimizers.SGD(learning_rate=0.01, momentum=0.9, nesterov=True),
       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-      jit_compile=jit_compile)
+      jit_compile=jit_compile,
+  )
   images, labels = tf.constant(batch["image"]), tf.constant(batch["label"])
-  forward = tf.function(lambda x: model(x, training=False),
-                        jit_compile=model.jit_compile)
+  forward = tf.function(lambda x: model(x, training=False), jit_compile=model.jit_compile)
   result = measure_train(lambda: model.train_on_batch(images, labels), args)
   result.update(measure_infer(lambda x: forward(x).numpy(), images[:1], images, args))
   result.update(host_memory(start_mb))
@@ -289,17 +320,19 @@ def benchmark_torch(args: argparse.Namespace, batch: dict[str, np.ndarray]) -> R
   reset_peak_rss()
   start_mb = current_rss_mb()
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  model = torchvision.models.mobilenet_v2(
-      width_mult=args.width, num_classes=args.num_classes
-  ).to(device, memory_format=torch.channels_last)
+  model = torchvision.models.mobilenet_v2(width_mult=args.width, num_classes=args.num_classes).to(
+      device, memory_format=torch.channels_last
+  )
   optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-  images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).to(
-      device, memory_format=torch.channels_last)
+  images = (
+      torch.from_numpy(batch["image"])
+      .permute(0, 3, 1, 2)
+      .to(device, memory_format=torch.channels_last)
+  )
   labels = torch.from_numpy(batch["label"]).long().to(device)
 
   def autocast() -> Any:
-    return torch.autocast(device, dtype=torch.bfloat16,
-                          enabled=args.dtype == "bfloat16")
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
   def train_step() -> None:
     optimizer.zero_grad(set_to_none=True)
@@ -317,13 +350,16 @@ def benchmark_torch(args: argparse.Namespace, batch: dict[str, np.ndarray]) -> R
   model.eval()
   result.update(measure_infer(infer, images[:1], images, args))
   if device == "cuda":
-    result.update(peak_mb=torch.cuda.max_memory_allocated() / 2**20,
-                  peak_memory="torch.cuda.max_memory_allocated")
+    result.update(
+        peak_mb=torch.cuda.max_memory_allocated() / 2**20,
+        peak_memory="torch.cuda.max_memory_allocated",
+    )
   else:
     result.update(host_memory(start_mb))
-  result.update(params=sum(p.numel() for p in model.parameters()),
-                version=f"torch {torch.__version__}, "
-                        f"torchvision {torchvision.__version__}")
+  result.update(
+      params=sum(p.numel() for p in model.parameters()),
+      version=f"torch {torch.__version__}, torchvision {torchvision.__version__}",
+  )
   return result
 
 
@@ -336,8 +372,7 @@ def write_jpegs(directory: str, count: int, seed: int = 0) -> list[str]:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(seed)
-  octaves = (((6, 8), 90.0), ((24, 32), 45.0), ((94, 125), 25.0),
-             ((JPEG_HEIGHT, JPEG_WIDTH), 8.0))
+  octaves = (((6, 8), 90.0), ((24, 32), 45.0), ((94, 125), 25.0), ((JPEG_HEIGHT, JPEG_WIDTH), 8.0))
   paths = []
   for i in range(count):
     image = np.full((1, JPEG_HEIGHT, JPEG_WIDTH, 3), 128.0, np.float32)
@@ -365,9 +400,14 @@ def benchmark_pipeline(args: argparse.Namespace) -> Result:
     # The same crop distribution as the project's, so decoding costs the same.
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.io.extract_jpeg_shape(image_bytes), tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        seed=crop_seed, min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
-        area_range=(config.dataset.crop_area_min, 1.0), max_attempts=10)
+        tf.io.extract_jpeg_shape(image_bytes),
+        tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=crop_seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(config.dataset.crop_area_min, 1.0),
+        max_attempts=10,
+    )
     window = tf.stack([begin[0], begin[1], size[0], size[1]])
     image = tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
     image = tf.image.resize(image, (args.image_size, args.image_size), "bilinear")
@@ -375,7 +415,8 @@ def benchmark_pipeline(args: argparse.Namespace) -> Result:
 
   preprocessors = {
       "project": lambda image_bytes, seed: input_pipeline.preprocess_train(
-          image_bytes, seed, config),
+          image_bytes, seed, config
+      ),
       "bare": bare,
   }
   with tempfile.TemporaryDirectory() as directory:
@@ -384,12 +425,20 @@ def benchmark_pipeline(args: argparse.Namespace) -> Result:
   key = tf.constant([config.seed, 0], tf.int64)
 
   def images_per_s(preprocess: Callable[..., tf.Tensor], threads: int) -> float:
-    ds = tf.data.Dataset.from_tensor_slices(encoded).repeat().enumerate().map(
-        lambda i, image_bytes: preprocess(
-            image_bytes, tf.random.experimental.stateless_fold_in(key, i)),
-        num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(args.batch_size, drop_remainder=True,
-                  num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    ds = (
+        tf.data.Dataset.from_tensor_slices(encoded)
+        .repeat()
+        .enumerate()
+        .map(
+            lambda i, image_bytes: preprocess(
+                image_bytes, tf.random.experimental.stateless_fold_in(key, i)
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    )
+    ds = ds.batch(
+        args.batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE
+    ).prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.threading.private_threadpool_size = threads
     options.threading.max_intra_op_parallelism = 1
@@ -403,20 +452,25 @@ def benchmark_pipeline(args: argparse.Namespace) -> Result:
       for name, fn in preprocessors.items()
   }
   result["project_over_bare"] = {
-      k: result["project"][k] / result["bare"][k] for k in result["project"]}
-  result.update(num_images=len(encoded),
-                mean_jpeg_kb=sum(map(len, encoded)) / len(encoded) / 1024,
-                version=f"tensorflow {tf.__version__}")
+      k: result["project"][k] / result["bare"][k] for k in result["project"]
+  }
+  result.update(
+      num_images=len(encoded),
+      mean_jpeg_kb=sum(map(len, encoded)) / len(encoded) / 1024,
+      version=f"tensorflow {tf.__version__}",
+  )
   return result
 
 
 # --- report ------------------------------------------------------------------------
 
-COLUMNS = (("train img/s", "train_images_per_s", "{:.1f}"),
-           ("infer ms (b1)", "infer_latency_ms_b1", "{:.2f}"),
-           ("infer img/s", "infer_images_per_s", "{:.1f}"),
-           ("compile s", "compile_s", "{:.1f}"),
-           ("peak MB", "peak_mb", "{:.0f}"))
+COLUMNS = (
+    ("train img/s", "train_images_per_s", "{:.1f}"),
+    ("infer ms (b1)", "infer_latency_ms_b1", "{:.2f}"),
+    ("infer img/s", "infer_images_per_s", "{:.1f}"),
+    ("compile s", "compile_s", "{:.1f}"),
+    ("peak MB", "peak_mb", "{:.0f}"),
+)
 
 
 def ratios(results: Result) -> dict[str, float]:
@@ -427,9 +481,11 @@ def ratios(results: Result) -> dict[str, float]:
     if "train_images_per_s" in other:
       jax_result = results["jax"]
       out[f"jax/{name} train img/s"] = (
-          jax_result["train_images_per_s"] / other["train_images_per_s"])
+          jax_result["train_images_per_s"] / other["train_images_per_s"]
+      )
       out[f"{name}/jax latency b1"] = (
-          other["infer_latency_ms_b1"] / jax_result["infer_latency_ms_b1"])
+          other["infer_latency_ms_b1"] / jax_result["infer_latency_ms_b1"]
+      )
   return out
 
 
@@ -438,24 +494,29 @@ def markdown_tables(results: Result) -> str:
   lines = []
   models_run = [name for name in ("jax", *FRAMEWORKS) if name in results]
   if models_run:
-    lines += ["| framework | " + " | ".join(c[0] for c in COLUMNS) + " |",
-              "|---" * (len(COLUMNS) + 1) + "|"]
+    lines += [
+        "| framework | " + " | ".join(c[0] for c in COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 1) + "|",
+    ]
     for name in models_run:
       r = results[name]
-      cells = ([f"skipped: {r['skipped']}"] + [""] * (len(COLUMNS) - 1)
-               if "skipped" in r else [fmt.format(r[key]) for _, key, fmt in COLUMNS])
+      cells = (
+          [f"skipped: {r['skipped']}"] + [""] * (len(COLUMNS) - 1)
+          if "skipped" in r
+          else [fmt.format(r[key]) for _, key, fmt in COLUMNS]
+      )
       lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [""] + [f"{k}: {v:.2f}x" for k, v in results.get("ratios", {}).items()]
   if "pipeline" in results:
     p = results["pipeline"]
     threads = list(p["project"])
     lines += [""] if lines else []
-    lines += ["| pipeline | " + " | ".join(f"img/s ({t.replace('_', ' ')})"
-                                                for t in threads) + " |",
-              "|---" * (len(threads) + 1) + "|"]
+    lines += [
+        "| pipeline | " + " | ".join(f"img/s ({t.replace('_', ' ')})" for t in threads) + " |",
+        "|---" * (len(threads) + 1) + "|",
+    ]
     for name in ("project", "bare", "project_over_bare"):
-      lines.append(f"| {name} | " + " | ".join(f"{p[name][t]:.2f}" for t in threads)
-                   + " |")
+      lines.append(f"| {name} | " + " | ".join(f"{p[name][t]:.2f}" for t in threads) + " |")
   return "\n".join(lines)
 
 
@@ -463,11 +524,16 @@ def main(argv: Sequence[str]) -> Result:
   """Runs the benchmarks that `argv` asks for; prints and returns the results."""
   args = parse_args(argv)
   config = {k: v for k, v in vars(args).items() if k != "json_path"}
-  config.update(backend=jax.default_backend(), device_count=jax.device_count(),
-                compilation_cache_dir=jax.config.jax_compilation_cache_dir)
+  config.update(
+      backend=jax.default_backend(),
+      device_count=jax.device_count(),
+      compilation_cache_dir=jax.config.jax_compilation_cache_dir,
+  )
   if config["compilation_cache_dir"] and not args.skip_model:
-    print("note: JAX's persistent compilation cache is on, so compile_s may be "
-          "a cache hit", file=sys.stderr)
+    print(
+        "note: JAX's persistent compilation cache is on, so compile_s may be a cache hit",
+        file=sys.stderr,
+    )
   results: Result = {
       "config": config,
       "device": describe_device(),

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -30,14 +31,20 @@ def _path_str(path: tuple[Any, ...]) -> str:
 
 def shape_mismatches(saved: Any, expected: Any) -> list[str]:
   """Human-readable differences between two trees of arrays/metadata."""
-  saved_leaves = {_path_str(p): tuple(l.shape) for p, l in
-                  jax.tree_util.tree_flatten_with_path(saved)[0] if hasattr(l, "shape")}
-  expected_leaves = {_path_str(p): tuple(l.shape) for p, l in
-                     jax.tree_util.tree_flatten_with_path(expected)[0]}
+  saved_leaves = {
+      _path_str(p): tuple(leaf.shape)
+      for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]
+      if hasattr(leaf, "shape")
+  }
+  expected_leaves = {
+      _path_str(p): tuple(leaf.shape)
+      for p, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]
+  }
   problems = []
   # Parameters first: they say which layer differs; optimizer state follows.
-  for key in sorted(expected_leaves.keys() | saved_leaves.keys(),
-                    key=lambda k: (not k.startswith("params/"), k)):
+  for key in sorted(
+      expected_leaves.keys() | saved_leaves.keys(), key=lambda k: (not k.startswith("params/"), k)
+  ):
     s, e = saved_leaves.get(key), expected_leaves.get(key)
     if s != e:
       problems.append(f"{key}: checkpoint {s or 'missing'} vs model {e or 'missing'}")
@@ -47,27 +54,28 @@ def shape_mismatches(saved: Any, expected: Any) -> list[str]:
 class Checkpointer:
   """Keeps the last `keep` checkpoints in DIR and the best one in DIR_best."""
 
-  def __init__(self, directory: str, *, keep: int, best_metric: str = "",
-               read_only: bool = False):
+  def __init__(self, directory: str, *, keep: int, best_metric: str = "", read_only: bool = False):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only,
+        max_to_keep=keep,
+        create=not read_only,
+        read_only=read_only,
         cleanup_tmp_directories=not read_only,
     )
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers=ocp.StandardCheckpointHandler())
+        self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+    )
     self._best = None
     self._read_only = read_only
     if best_metric and not read_only:
       best_options = ocp.CheckpointManagerOptions(
-          max_to_keep=1, create=True, cleanup_tmp_directories=True,
+          max_to_keep=1,
+          create=True,
+          cleanup_tmp_directories=True,
           best_fn=lambda metrics: metrics[best_metric],
           best_mode="min" if best_metric == "loss" else "max",
       )
-      self._best = ocp.CheckpointManager(
-          self.directory + "_best", options=best_options
-      )
+      self._best = ocp.CheckpointManager(self.directory + "_best", options=best_options)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -83,8 +91,12 @@ class Checkpointer:
   def save_best(self, step: int, state: Any, metrics: Mapping[str, float]) -> None:
     # A finished run re-run re-evaluates its last step, which may be the best.
     if self._best is not None and step not in self._best.all_steps():
-      self._best.save(step, args=ocp.args.StandardSave(state),
-                      metrics={k: float(v) for k, v in metrics.items()}, force=True)
+      self._best.save(
+          step,
+          args=ocp.args.StandardSave(state),
+          metrics={k: float(v) for k, v in metrics.items()},
+          force=True,
+      )
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
     """Restores `step` (default: the newest good one) into `abstract_state`.
@@ -106,20 +118,24 @@ class Checkpointer:
           raise ValueError("its array metadata is missing")
         mismatches = shape_mismatches(saved, abstract_state)
         if not mismatches:
-          state = self._manager.restore(
-              candidate, args=ocp.args.StandardRestore(abstract_state))
+          state = self._manager.restore(candidate, args=ocp.args.StandardRestore(abstract_state))
           return state, candidate
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning("Checkpoint %s/%s is unreadable (%s: %s); trying an older one.",
-                        self.directory, candidate, type(e).__name__, e)
+        logging.warning(
+            "Checkpoint %s/%s is unreadable (%s: %s); trying an older one.",
+            self.directory,
+            candidate,
+            type(e).__name__,
+            e,
+        )
         failures.append(f"step {candidate}: {type(e).__name__}")
         self._quarantine(candidate)
         continue
       raise CheckpointError(
           f"checkpoint {self.directory}/{candidate} does not fit the configured "
-          f"model ({len(mismatches)} differences): " + "; ".join(mismatches[:8]))
-    raise CheckpointError(
-        f"no readable checkpoint in {self.directory} ({', '.join(failures)})")
+          f"model ({len(mismatches)} differences): " + "; ".join(mismatches[:8])
+      )
+    raise CheckpointError(f"no readable checkpoint in {self.directory} ({', '.join(failures)})")
 
   def _quarantine(self, step: int) -> None:
     if self._read_only or jax.process_index() != 0:
@@ -142,25 +158,24 @@ class Checkpointer:
 
 def abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
   """ShapeDtypeStructs of `tree` placed with `sharding` (restore target)."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree
-  )
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
 
 
 def read_checkpoint(directory: str, step: int | None = None) -> tuple[dict[str, Any], int]:
   """Any checkpoint as a plain tree on this process's first device, without
   knowing the model (inspection, export, comparing runs)."""
   manager = ocp.CheckpointManager(
-      os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers=ocp.StandardCheckpointHandler())
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers=ocp.StandardCheckpointHandler(),
+  )
   step = manager.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"no checkpoint in {directory}")
   metadata = manager.item_metadata(step)
   metadata = getattr(metadata, "tree", metadata)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
   return manager.restore(step, args=ocp.args.StandardRestore(target)), step
 
 
@@ -168,8 +183,9 @@ def merge_matching(target: Any, source: Any) -> tuple[Any, list[str]]:
   """`target` with every leaf that `source` has at the same path and shape
   replaced by source's (fine-tuning: a new classifier keeps its init).
   Returns the merged tree and the paths kept from `target`."""
-  source_leaves = {_path_str(p): leaf for p, leaf in
-                   jax.tree_util.tree_flatten_with_path(source)[0]}
+  source_leaves = {
+      _path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(source)[0]
+  }
   kept = []
 
   def pick(path, leaf):

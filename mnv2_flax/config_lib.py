@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -47,24 +48,29 @@ def _alternatives(items: Sequence[Any]) -> str:
 
 def _choice(choices: Sequence[Any]) -> Check:
   # The type must match too: True == 1, but a bool is not a stride.
-  return Check(_alternatives([repr(c) for c in choices]),
-               lambda v: any(type(v) is type(c) and v == c for c in choices))
+  return Check(
+      _alternatives([repr(c) for c in choices]),
+      lambda v: any(type(v) is type(c) and v == c for c in choices),
+  )
 
 
 def _either(first: Check, second: Check) -> Check:
-  return Check(f"{first.describe} or {second.describe}",
-               lambda v: first.accepts(v) or second.accepts(v))
+  return Check(
+      f"{first.describe} or {second.describe}", lambda v: first.accepts(v) or second.accepts(v)
+  )
 
 
 def _int(low: int | None = None) -> Check:
   def accepts(value: Any) -> bool:
     is_int = isinstance(value, int) and not isinstance(value, bool)
     return is_int and (low is None or value >= low)
+
   return Check("an int" if low is None else f"an int >= {low}", accepts)
 
 
-def _float(low: float, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False) -> Check:
+def _float(
+    low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> Check:
   """A finite number (ints too: a config file may write `= 5`) from `low`,
   excluded if `low_open`, to `high` if given, excluded if `high_open`."""
   if high is None:
@@ -78,13 +84,17 @@ def _float(low: float, high: float | None = None, *, low_open: bool = False,
     above = value > low if low_open else value >= low
     below = high is None or (value < high if high_open else value <= high)
     return math.isfinite(value) and above and below
+
   return Check(f"a float {bounds}", accepts)
 
 
 def _tuple(item: Check, lengths: Sequence[int]) -> Check:
-  return Check(f"a tuple of {_alternatives(lengths)} entries, each {item.describe}",
-               lambda v: (isinstance(v, (tuple, list)) and len(v) in lengths
-                          and all(item.accepts(x) for x in v)))
+  return Check(
+      f"a tuple of {_alternatives(lengths)} entries, each {item.describe}",
+      lambda v: (
+          isinstance(v, (tuple, list)) and len(v) in lengths and all(item.accepts(x) for x in v)
+      ),
+  )
 
 
 _BOOL = Check("a bool", lambda v: isinstance(v, bool))
@@ -95,7 +105,6 @@ _STRIDE = _choice((1, 2))
 
 KEYS: tuple[Key, ...] = (
     Key("seed", 0, _int(low=0)),
-
     Key("dataset.name", "digits", _choice(data.DATASETS)),
     Key("dataset.image_size", 32, _int(low=1)),  # Model input resolution (square).
     # > 0: train on the first that many training examples only (digits, MNIST,
@@ -115,7 +124,6 @@ KEYS: tuple[Key, ...] = (
     Key("dataset.crop_area_min", 0.08, _float(0, 1, low_open=True)),
     # Center crop, then resize.
     Key("dataset.eval_crop_fraction", 0.875, _float(0, 1, low_open=True)),
-
     Key("model.width_multiplier", 0.5, _POSITIVE),
     # t of every block with t > 1 (the paper's 6).
     Key("model.expansion", 6, _int(low=1)),
@@ -127,8 +135,11 @@ KEYS: tuple[Key, ...] = (
     # tames BatchNorm's gradient explosion at initialisation (docs/ablations.md).
     Key("model.zero_init_residual", True, _BOOL),
     Key("model.stem_stride", 1, _STRIDE),
-    Key("model.stage_strides", models.PAPER_STAGE_STRIDES,
-        _tuple(_STRIDE, (len(models.INVERTED_RESIDUAL_SETTING),))),
+    Key(
+        "model.stage_strides",
+        models.PAPER_STAGE_STRIDES,
+        _tuple(_STRIDE, (len(models.INVERTED_RESIDUAL_SETTING),)),
+    ),
     Key("model.dropout_rate", 0.2, _FRACTION),
     # "symmetric" (torchvision) | "tf_same".
     Key("model.padding", "symmetric", _choice(layers.PADDINGS)),
@@ -140,7 +151,6 @@ KEYS: tuple[Key, ...] = (
     # "auto" | "xla" | "taps"; see layers.py.
     Key("model.conv_impl", "auto", _choice(layers.CONV_IMPLS)),
     Key("model.remat", False, _BOOL),  # Rematerialise each block to save memory.
-
     # "sgd" (momentum) | "rmsprop".
     Key("optimizer.name", "sgd", _choice(("sgd", "rmsprop"))),
     Key("optimizer.learning_rate", 0.1, _POSITIVE),  # Peak lr at global_batch_size.
@@ -150,8 +160,7 @@ KEYS: tuple[Key, ...] = (
     # Inside the sqrt, as TensorFlow's.
     Key("optimizer.rmsprop_eps", 1e-3, _POSITIVE),
     # "cosine" | "exponential" | "constant".
-    Key("optimizer.schedule", "cosine",
-        _choice(("cosine", "exponential", "constant"))),
+    Key("optimizer.schedule", "cosine", _choice(("cosine", "exponential", "constant"))),
     Key("optimizer.warmup_epochs", 0.5, _float(0)),
     # exponential: lr *= decay_rate ...
     Key("optimizer.decay_rate", 0.98, _float(0, 1, low_open=True)),
@@ -159,12 +168,14 @@ KEYS: tuple[Key, ...] = (
     Key("optimizer.weight_decay", 5e-4, _float(0)),  # L2, added to the gradient.
     # Which parameters get weight decay: "kernels" (conv + dense kernels),
     # "kernels_except_depthwise" (TF-slim's MobileNet default), "all".
-    Key("optimizer.weight_decay_mask", "kernels",
-        _choice(("kernels", "kernels_except_depthwise", "all"))),
+    Key(
+        "optimizer.weight_decay_mask",
+        "kernels",
+        _choice(("kernels", "kernels_except_depthwise", "all")),
+    ),
     Key("optimizer.label_smoothing", 0.0, _FRACTION),
     # > 0 keeps an EMA of weights for eval.
     Key("optimizer.ema_decay", 0.0, _FRACTION),
-
     Key("global_batch_size", 64, _int(low=1)),
     # Global; the last batch is padded, not dropped.
     Key("eval_batch_size", 256, _int(low=1)),
@@ -185,8 +196,7 @@ KEYS: tuple[Key, ...] = (
     # fresh init; the optimizer starts fresh).
     Key("checkpoint_path", "", _TEXT),
     Key("skip_nonfinite_updates", False, _BOOL),
-    Key("compilation_cache_dir", os.path.join("~", ".cache", "mnv2_flax", "jax"),
-        _TEXT),
+    Key("compilation_cache_dir", os.path.join("~", ".cache", "mnv2_flax", "jax"), _TEXT),
     # > 0: trace this many steps after the first.
     Key("profile_steps", 0, _int(low=0)),
 )
@@ -211,8 +221,7 @@ def get_config() -> ml_collections.ConfigDict:
   return base_config()
 
 
-def _leaves(config: ml_collections.ConfigDict, prefix: str = ""
-            ) -> Iterator[tuple[str, Any]]:
+def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
   """(dotted name, value) of every non-dict value in `config`."""
   for name, value in config.items():
     if isinstance(value, ml_collections.ConfigDict):
@@ -231,24 +240,37 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
   values = dict(_leaves(config))
   declared = {key.name for key in KEYS}
   for name in values:
-    _require(name in declared, name,
-             f"unknown key (set to {values[name]!r}); mnv2_flax/config_lib.py "
-             "declares every key")
+    _require(
+        name in declared,
+        name,
+        f"unknown key (set to {values[name]!r}); mnv2_flax/config_lib.py declares every key",
+    )
   for key in KEYS:
     _require(key.name in values, key.name, "is missing")
     value = values[key.name]
-    _require(key.check.accepts(value), key.name,
-             f"must be {key.check.describe}, got {value!r}")
+    _require(key.check.accepts(value), key.name, f"must be {key.check.describe}, got {value!r}")
 
   # What one key cannot decide alone.
   m, d = config.model, config.dataset
   factor = models.downsampling_factor(m.stem_stride, m.stage_strides)
-  _require(d.image_size >= factor, "dataset.image_size",
-           f"{d.image_size} is smaller than the model's total stride {factor}")
-  _require(len(d.std) == len(d.mean), "dataset.std",
-           f"has {len(d.std)} entries but dataset.mean has {len(d.mean)}")
+  _require(
+      d.image_size >= factor,
+      "dataset.image_size",
+      f"{d.image_size} is smaller than the model's total stride {factor}",
+  )
+  _require(
+      len(d.std) == len(d.mean),
+      "dataset.std",
+      f"has {len(d.std)} entries but dataset.mean has {len(d.mean)}",
+  )
   for key in ("global_batch_size", "eval_batch_size"):
-    _require(config[key] % device_count == 0, key,
-             f"{config[key]} is not divisible by the {device_count} devices")
-  _require(config.num_train_steps > 0 or config.num_epochs > 0, "num_epochs",
-           f"must be > 0 when num_train_steps is not set, got {config.num_epochs}")
+    _require(
+        config[key] % device_count == 0,
+        key,
+        f"{config[key]} is not divisible by the {device_count} devices",
+    )
+  _require(
+      config.num_train_steps > 0 or config.num_epochs > 0,
+      "num_epochs",
+      f"must be > 0 when num_train_steps is not set, got {config.num_epochs}",
+  )

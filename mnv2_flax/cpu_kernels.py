@@ -29,7 +29,7 @@ docs/cpu_kernels.md.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +42,9 @@ Padding = Sequence[tuple[int, int]]
 # --- helpers shared by the convs -----------------------------------------------
 
 
-def _out_hw(
-    x: Array, kernel_hw: Sequence[int], stride: int, pads: Padding
-) -> tuple[int, int]:
+def _out_hw(x: Array, kernel_hw: Sequence[int], stride: int, pads: Padding) -> tuple[int, int]:
   h, w = (
-      (size + lo + hi - k) // stride + 1
-      for size, (lo, hi), k in zip(x.shape[1:3], pads, kernel_hw)
+      (size + lo + hi - k) // stride + 1 for size, (lo, hi), k in zip(x.shape[1:3], pads, kernel_hw)
   )
   return h, w
 
@@ -61,7 +58,11 @@ def _pad_hw(x: Array, pads: Padding) -> Array:
 
 
 def _tap(
-    xp: Array, i: int, j: int, stride: int, out_hw: Sequence[int],
+    xp: Array,
+    i: int,
+    j: int,
+    stride: int,
+    out_hw: Sequence[int],
     row_step: int = 1,
 ) -> Array:
   """`xp[:, i + stride*row_step*h, j + stride*w, :]` at every output position
@@ -69,9 +70,7 @@ def _tap(
   n, _, _, c = xp.shape
   h_end = i + stride * row_step * (out_hw[0] - 1) + 1
   w_end = j + stride * (out_hw[1] - 1) + 1
-  return lax.slice(
-      xp, (0, i, j, 0), (n, h_end, w_end, c), (1, stride * row_step, stride, 1)
-  )
+  return lax.slice(xp, (0, i, j, 0), (n, h_end, w_end, c), (1, stride * row_step, stride, 1))
 
 
 # --- depthwise conv ------------------------------------------------------------
@@ -110,8 +109,7 @@ def _depthwise_input_grad(
   # Phase rows m in [start, start + size) cover padded rows [pad, pad + in).
   starts = [pad[0] // stride for pad in pads]
   sizes = [
-      -(-(pad[0] + in_size) // stride) - start
-      for pad, in_size, start in zip(pads, in_hw, starts)
+      -(-(pad[0] + in_size) // stride) - start for pad, in_size, start in zip(pads, in_hw, starts)
   ]
   phases = []
   for q_h in range(stride):
@@ -120,16 +118,12 @@ def _depthwise_input_grad(
       sub = kernel[q_h::stride, q_w::stride][::-1, ::-1]
       sub_pads = [
           (kq - 1 - start, start + size - out_size)
-          for kq, start, size, out_size in zip(
-              sub.shape[:2], starts, sizes, (out_h, out_w)
-          )
+          for kq, start, size, out_size in zip(sub.shape[:2], starts, sizes, (out_h, out_w))
       ]
       row.append(_tap_sum(g, sub, 1, sub_pads))
     phases.append(jnp.stack(row, axis=3))
   # (N, M_h, q_h, M_w, q_w, C) -> padded rows stride*m + q_h, cols likewise.
-  dxp = jnp.stack(phases, axis=2).reshape(
-      n, stride * sizes[0], stride * sizes[1], c
-  )
+  dxp = jnp.stack(phases, axis=2).reshape(n, stride * sizes[0], stride * sizes[1], c)
   top = pads[0][0] - stride * starts[0]
   left = pads[1][0] - stride * starts[1]
   return dxp[:, top : top + in_hw[0], left : left + in_hw[1]]
@@ -145,8 +139,7 @@ KERNEL_GRAD_LOOP_MIN_ROWS = 28
 
 
 def _row_block(out_h: int) -> int:
-  return max(r for r in range(1, min(out_h, KERNEL_GRAD_MAX_ROWS) + 1)
-             if out_h % r == 0)
+  return max(r for r in range(1, min(out_h, KERNEL_GRAD_MAX_ROWS) + 1) if out_h % r == 0)
 
 
 def _depthwise_kernel_grad(
@@ -178,19 +171,13 @@ def _depthwise_kernel_grad(
   return _kernel_grad_loop(xp, g, kernel_shape, stride)
 
 
-def _kernel_grad_reduce(
-    xp: Array, g: Array, kernel_shape: Sequence[int], stride: int
-) -> Array:
+def _kernel_grad_reduce(xp: Array, g: Array, kernel_shape: Sequence[int], stride: int) -> Array:
   """One variadic reduce yields all k*k per-channel sums in a single fused
   pass over g and xp. It covers W only (output (N, H, C) per tap) and a plain
   sum over N and H follows: ~7% faster than reducing H and W together, which
   in turn is ~4x faster than reducing N, H and W at once."""
   k_h, k_w = kernel_shape[:2]
-  products = tuple(
-      _tap(xp, i, j, stride, g.shape[1:3]) * g
-      for i in range(k_h)
-      for j in range(k_w)
-  )
+  products = tuple(_tap(xp, i, j, stride, g.shape[1:3]) * g for i in range(k_h) for j in range(k_w))
   sums = lax.reduce(
       products,
       (jnp.float32(0),) * len(products),
@@ -200,9 +187,7 @@ def _kernel_grad_reduce(
   return jnp.stack(sums).sum(axis=(1, 2)).reshape(kernel_shape)
 
 
-def _kernel_grad_loop(
-    xp: Array, g: Array, kernel_shape: Sequence[int], stride: int
-) -> Array:
+def _kernel_grad_loop(xp: Array, g: Array, kernel_shape: Sequence[int], stride: int) -> Array:
   """Row-block sums in a loop over pairs of images (see `_depthwise_kernel_grad`)."""
   k_h, k_w = kernel_shape[:2]
   n, out_h, out_w, c = g.shape
@@ -217,10 +202,18 @@ def _kernel_grad_loop(
         # Row block r of tap (i, j), sliced from xb directly (slicing a sliced
         # tap made XLA materialise the tap), with lax ops rather than jnp
         # indexing: at 224x224 this unrolls to ~7,000 ops, all traced.
-        sums.append(functools.reduce(lax.add, (
-            lax.mul(_tap(xb, stride * r + i, j, stride, (blocks, out_w), rows),
-                    _tap(gb, r, 0, 1, (blocks, out_w), rows))
-            for r in range(rows))))
+        sums.append(
+            functools.reduce(
+                lax.add,
+                (
+                    lax.mul(
+                        _tap(xb, stride * r + i, j, stride, (blocks, out_w), rows),
+                        _tap(gb, r, 0, 1, (blocks, out_w), rows),
+                    )
+                    for r in range(rows)
+                ),
+            )
+        )
     return tuple(sums)
 
   def add_images(step: Array, sums: tuple[Array, ...]) -> tuple[Array, ...]:
@@ -234,9 +227,7 @@ def _kernel_grad_loop(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def taps_depthwise_conv(
-    x: Array, kernel: Array, stride: int, pads: Padding
-) -> Array:
+def taps_depthwise_conv(x: Array, kernel: Array, stride: int, pads: Padding) -> Array:
   return _tap_sum(x, kernel, stride, pads).astype(x.dtype)
 
 
@@ -266,13 +257,11 @@ def dot_conv(x: Array, kernel: Array, stride: int, pads: Padding) -> Array:
   is ~1.7x slower: building the 27-channel patches dominates).
   """
   patches = im2col(x, kernel.shape, stride, pads)
-  y = jnp.dot(patches.reshape(-1, patches.shape[-1]),
-              kernel.reshape(-1, kernel.shape[-1]))
+  y = jnp.dot(patches.reshape(-1, patches.shape[-1]), kernel.reshape(-1, kernel.shape[-1]))
   return y.reshape(*patches.shape[:3], kernel.shape[-1])
 
 
-def im2col(x: Array, kernel_shape: Sequence[int], stride: int,
-           pads: Padding) -> Array:
+def im2col(x: Array, kernel_shape: Sequence[int], stride: int, pads: Padding) -> Array:
   """(N, H_out, W_out, k_h * k_w * C_in) patches: the conv is then
   `patches @ kernel.reshape(-1, C_out)`. For 1x1 kernels just x, strided."""
   k_h, k_w = kernel_shape[:2]
@@ -288,9 +277,7 @@ def im2col(x: Array, kernel_shape: Sequence[int], stride: int,
 _NHW = (0, 1, 2)  # BatchNorm reduces over batch and space, per channel.
 
 
-def batch_norm(
-    x: Array, scale: Array, bias: Array, epsilon: float
-) -> tuple[Array, Array, Array]:
+def batch_norm(x: Array, scale: Array, bias: Array, epsilon: float) -> tuple[Array, Array, Array]:
   """Training-mode BatchNorm of NHWC `x`: (output, batch mean, batch variance).
 
   Statistics in float32 from E[x] and E[x^2] (flax's default "fast
@@ -302,16 +289,23 @@ def batch_norm(
   return normalize(x, mean, var, scale, bias, epsilon), mean, var
 
 
-def normalize(x: Array, mean: Array, var: Array, scale: Array, bias: Array,
-              epsilon: float) -> Array:
+def normalize(
+    x: Array, mean: Array, var: Array, scale: Array, bias: Array, epsilon: float
+) -> Array:
   """(x - mean) / sqrt(var + epsilon) * scale + bias in float32, in x's dtype."""
   y = (x.astype(jnp.float32) - mean) * (scale * lax.rsqrt(var + epsilon)) + bias
   return y.astype(x.dtype)
 
 
 def _batch_norm_grad_coefficients(
-    scale: Array, mean: Array, rstd: Array, sum_g: Array, sum_g_xc: Array,
-    d_mean: Array, d_var: Array, count: int
+    scale: Array,
+    mean: Array,
+    rstd: Array,
+    sum_g: Array,
+    sum_g_xc: Array,
+    d_mean: Array,
+    d_var: Array,
+    count: int,
 ) -> tuple[Array, Array, Array]:
   """(a, x_coeff, offset) with dx = a * g + x_coeff * x + offset per channel,
   from sum(g) and sum(g * (x - mean)); see `_fused_batch_norm_bwd`."""
@@ -355,7 +349,8 @@ def _fused_batch_norm_bwd(epsilon, residuals, cotangents):
   sum_g = jnp.sum(gf, _NHW)
   sum_g_xc = jnp.sum(gf * xf, _NHW) - mean * sum_g
   a, x_coeff, offset = _batch_norm_grad_coefficients(
-      scale, mean, rstd, sum_g, sum_g_xc, d_mean, d_var, count)
+      scale, mean, rstd, sum_g, sum_g_xc, d_mean, d_var, count
+  )
   dx = a * gf + x_coeff * xf + offset
   return dx.astype(x.dtype), sum_g_xc * rstd, sum_g
 
@@ -363,9 +358,7 @@ def _fused_batch_norm_bwd(epsilon, residuals, cotangents):
 fused_batch_norm.defvjp(_fused_batch_norm_fwd, _fused_batch_norm_bwd)
 
 
-def _matmul_stats(
-    x_in: Array, kernel: Array
-) -> tuple[Array, Array, Array, Array]:
+def _matmul_stats(x_in: Array, kernel: Array) -> tuple[Array, Array, Array, Array]:
   """Column sums and Gram matrix of x_in, and the per-channel mean and
   variance of x = x_in @ kernel computed from them (never from x)."""
   count = x_in.shape[0]
@@ -414,9 +407,11 @@ def _conv_batch_norm_bwd(epsilon, residuals, cotangents):
   sum_g = jnp.sum(g, 0)
   sum_g_xc = jnp.sum(kernel * in_g, 0) - mean * sum_g
   a, x_coeff, offset = _batch_norm_grad_coefficients(
-      scale, mean, rstd, sum_g, sum_g_xc, d_mean, d_var, count)
-  d_x_in = (jnp.dot(g, (kernel * a).T)
-            + jnp.dot(x_in, (kernel * x_coeff) @ kernel.T) + offset @ kernel.T)
+      scale, mean, rstd, sum_g, sum_g_xc, d_mean, d_var, count
+  )
+  d_x_in = (
+      jnp.dot(g, (kernel * a).T) + jnp.dot(x_in, (kernel * x_coeff) @ kernel.T) + offset @ kernel.T
+  )
   d_kernel = in_g * a + (gram @ kernel) * x_coeff + jnp.outer(col_sum, offset)
   return d_x_in, d_kernel, sum_g_xc * rstd, sum_g
 

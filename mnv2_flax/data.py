@@ -17,7 +17,8 @@ data live here, TFDS datasets are built by `input_pipeline` on top of it, and
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import numpy as np
 
@@ -98,7 +99,8 @@ class ArrayDataset:
     if train_examples > len(train[1]):
       raise ConfigError(
           f"config.dataset.train_examples: {train_examples} exceeds the "
-          f"{len(train[1])} training examples")
+          f"{len(train[1])} training examples"
+      )
     if train_examples > 0:  # A fixed subset: the first n of the split.
       train = (train[0][:train_examples], train[1][:train_examples])
     self._train_images, self._train_labels = train
@@ -124,15 +126,11 @@ class ArrayDataset:
     return images if self._transform is None else self._transform(images, rng)
 
   def _epoch_order(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self._seed, epoch]).permutation(
-        len(self._train_labels)
-    )
+    return np.random.default_rng([self._seed, epoch]).permutation(len(self._train_labels))
 
   def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
     steps_per_epoch = len(self._train_labels) // self._global_batch_size
-    mine = process_slice(
-        self._global_batch_size, self._process_index, self._process_count
-    )
+    mine = process_slice(self._global_batch_size, self._process_index, self._process_count)
     step = start_step
     while True:
       epoch, index = divmod(step, steps_per_epoch)
@@ -160,16 +158,14 @@ class ArrayDataset:
 def load_digits(image_size: int, seed: int = 0) -> tuple[tuple, tuple]:
   """scikit-learn's bundled 8x8 digits: a fixed 1437/360 train/test split,
   scaled to [0, 1], upsampled (bilinear) to image_size, normalised."""
-  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
 
   digits = sk_datasets.load_digits()
   images = digits.images.astype(np.float32)[..., None] / 16.0
   labels = digits.target.astype(np.int32)
   images = np.asarray(
-      jax.image.resize(
-          images, (len(images), image_size, image_size, 1), "bilinear"
-      )
+      jax.image.resize(images, (len(images), image_size, image_size, 1), "bilinear")
   )
   images = (images - images.mean()) / images.std()
   order = np.random.default_rng(seed).permutation(len(labels))
@@ -181,8 +177,16 @@ class SyntheticDataset:
   """Random images and labels for benchmarks and smoke tests: one fixed batch,
   no input cost. Eval yields a single padded batch."""
 
-  def __init__(self, image_size: int, num_classes: int, *, global_batch_size: int,
-               eval_batch_size: int, seed: int, process_count: int = 1):
+  def __init__(
+      self,
+      image_size: int,
+      num_classes: int,
+      *,
+      global_batch_size: int,
+      eval_batch_size: int,
+      seed: int,
+      process_count: int = 1,
+  ):
     rng = np.random.default_rng(seed)
     local = global_batch_size // process_count
     self._batch = {
@@ -190,8 +194,9 @@ class SyntheticDataset:
         "label": rng.integers(0, num_classes, local).astype(np.int32),
     }
     self._eval_batch = pad_batch(self._batch, eval_batch_size // process_count)
-    self.info = DatasetInfo(num_classes, (image_size, image_size, 3),
-                            global_batch_size, local * process_count)
+    self.info = DatasetInfo(
+        num_classes, (image_size, image_size, 3), global_batch_size, local * process_count
+    )
 
   def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
     del start_step
@@ -200,4 +205,3 @@ class SyntheticDataset:
 
   def eval_batches(self) -> Iterator[Batch]:
     yield self._eval_batch
-

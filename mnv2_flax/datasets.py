@@ -15,8 +15,7 @@ from mnv2_flax import data
 from mnv2_flax.errors import ConfigError
 
 
-def create_dataset(config: Any, *, process_index: int,
-                   process_count: int) -> data.Dataset:
+def create_dataset(config: Any, *, process_index: int, process_count: int) -> data.Dataset:
   """Builds `config.dataset.name` (one of `data.DATASETS`) for this process."""
   name = config.dataset.name
   kwargs = dict(
@@ -26,18 +25,23 @@ def create_dataset(config: Any, *, process_index: int,
   )
   if name == "digits":
     train, test = data.load_digits(config.dataset.image_size)
-    return data.ArrayDataset(train, test, 10, process_index=process_index,
-                             process_count=process_count,
-                             train_examples=config.dataset.train_examples, **kwargs)
+    return data.ArrayDataset(
+        train,
+        test,
+        10,
+        process_index=process_index,
+        process_count=process_count,
+        train_examples=config.dataset.train_examples,
+        **kwargs,
+    )
   if name == "synthetic":
     return data.SyntheticDataset(
-        config.dataset.image_size, config.dataset.num_classes,
-        process_count=process_count, **kwargs)
+        config.dataset.image_size, config.dataset.num_classes, process_count=process_count, **kwargs
+    )
   if name in data.TFDS_DATASETS:
     from mnv2_flax import input_pipeline  # pylint: disable=g-import-not-at-top
 
     return input_pipeline.create_dataset(
         config, process_index=process_index, process_count=process_count
     )
-  raise ConfigError(
-      f"config.dataset.name: must be one of {data.DATASETS}, got {name!r}")
+  raise ConfigError(f"config.dataset.name: must be one of {data.DATASETS}, got {name!r}")

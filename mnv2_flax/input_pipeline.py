@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from mnv2_flax import data
 from mnv2_flax.errors import ConfigError
@@ -45,8 +46,7 @@ _FOLDER_EVAL_SPLITS = ("test", "val")
 _AUTOTUNE = tf.data.AUTOTUNE
 
 
-def create_dataset(config: Any, *, process_index: int,
-                   process_count: int) -> data.Dataset:
+def create_dataset(config: Any, *, process_index: int, process_count: int) -> data.Dataset:
   """Builds `config.dataset.name` (one of `data.TFDS_DATASETS`) for this process."""
   builders = {
       "cifar10": _cifar10,
@@ -62,22 +62,25 @@ def create_dataset(config: Any, *, process_index: int,
 # ------------------------------------------------------------------------------
 
 
-def _scaled_stats(config: Any, channels: int,
-                  default: tuple[tuple[float, ...], tuple[float, ...]] | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def _scaled_stats(
+    config: Any, channels: int, default: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """(mean, std) in 0..255 pixel units, one entry per channel."""
   mean, std = tuple(config.dataset.mean), tuple(config.dataset.std)
   if len(mean) != channels and default is not None:
     mean, std = default
   for key, value in (("mean", mean), ("std", std)):
     if len(value) != channels:
-      raise ConfigError(f"config.dataset.{key}: needs {channels} entries (one per "
-                        f"channel) for {config.dataset.name}, got {value}")
+      raise ConfigError(
+          f"config.dataset.{key}: needs {channels} entries (one per "
+          f"channel) for {config.dataset.name}, got {value}"
+      )
   return (np.asarray(mean, np.float32) * 255, np.asarray(std, np.float32) * 255)
 
 
-def _decode_and_crop(image_bytes: tf.Tensor,
-                     crop_window: Callable[[tf.Tensor], tf.Tensor]) -> tf.Tensor:
+def _decode_and_crop(
+    image_bytes: tf.Tensor, crop_window: Callable[[tf.Tensor], tf.Tensor]
+) -> tf.Tensor:
   """Decodes to uint8 RGB, cropped to crop_window([height, width, channels]) =
   [y, x, h, w]. JPEGs decode only the window; other formats decode fully."""
 
@@ -88,7 +91,7 @@ def _decode_and_crop(image_bytes: tf.Tensor,
   def other() -> tf.Tensor:
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     y, x, h, w = tf.unstack(crop_window(tf.shape(image)))
-    return image[y:y + h, x:x + w]
+    return image[y : y + h, x : x + w]
 
   return tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
 
@@ -136,8 +139,9 @@ def preprocess_eval(image_bytes: tf.Tensor, config: Any) -> tf.Tensor:
 
   def center_window(shape: tf.Tensor) -> tf.Tensor:
     height, width = shape[0], shape[1]
-    side = tf.cast(config.dataset.eval_crop_fraction
-                   * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+    side = tf.cast(
+        config.dataset.eval_crop_fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32
+    )
     side = tf.maximum(side, 1)
     return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
 
@@ -156,14 +160,14 @@ def _load_tfds_arrays(name: str, config: Any) -> tuple[tuple, tuple, int]:
 
   def load(split: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels = tfds.as_numpy(
-        builder.as_dataset(split=split, batch_size=-1, as_supervised=True))
+        builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
+    )
     return images, labels.astype(np.int32)
 
   return load("train"), load("test"), builder.info.features["label"].num_classes
 
 
-def _random_crop_and_flip(images: np.ndarray, rng: np.random.Generator,
-                          padding: int) -> np.ndarray:
+def _random_crop_and_flip(images: np.ndarray, rng: np.random.Generator, padding: int) -> np.ndarray:
   """Per image: a random crop of the zero-padded image at the original size,
   mirrored with probability 1/2 (one gather for the whole batch)."""
   n, height, width, _ = images.shape
@@ -175,11 +179,19 @@ def _random_crop_and_flip(images: np.ndarray, rng: np.random.Generator,
   return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-def _array_dataset(train: tuple, test: tuple, num_classes: int, config: Any,
-                   process_index: int, process_count: int,
-                   transform: data.Transform) -> data.ArrayDataset:
+def _array_dataset(
+    train: tuple,
+    test: tuple,
+    num_classes: int,
+    config: Any,
+    process_index: int,
+    process_count: int,
+    transform: data.Transform,
+) -> data.ArrayDataset:
   return data.ArrayDataset(
-      train, test, num_classes,
+      train,
+      test,
+      num_classes,
       global_batch_size=config.global_batch_size,
       eval_batch_size=config.eval_batch_size,
       seed=config.seed,
@@ -200,8 +212,7 @@ def _cifar10(config: Any, process_index: int, process_count: int) -> data.Datase
       images = _random_crop_and_flip(images, rng, _CIFAR_PADDING)
     return (images - mean) / std
 
-  return _array_dataset(train, test, num_classes, config, process_index,
-                        process_count, transform)
+  return _array_dataset(train, test, num_classes, config, process_index, process_count, transform)
 
 
 def _mnist(config: Any, process_index: int, process_count: int) -> data.Dataset:
@@ -209,8 +220,15 @@ def _mnist(config: Any, process_index: int, process_count: int) -> data.Dataset:
   entry; otherwise (the RGB default) MNIST's own 0.1307 / 0.3081."""
   train, test, num_classes = _load_tfds_arrays("mnist", config)
   mean, std = _scaled_stats(config, 1, default=(_MNIST_MEAN, _MNIST_STD))
-  return _array_dataset(train, test, num_classes, config, process_index,
-                        process_count, lambda images, rng: (images - mean) / std)
+  return _array_dataset(
+      train,
+      test,
+      num_classes,
+      config,
+      process_index,
+      process_count,
+      lambda images, rng: (images - mean) / std,
+  )
 
 
 # ------------------------------------------------------------------------------
@@ -227,12 +245,13 @@ def _example_seed(key: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
   return tf.random.experimental.stateless_fold_in(key, position)
 
 
-def _even_shard(num_examples: int, process_index: int,
-                process_count: int) -> tuple[int, int]:
+def _even_shard(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
   """This process's [start, stop) of a train split: sizes differ by at most one,
   so every process holds steps_per_epoch * local_batch examples."""
-  return (num_examples * process_index // process_count,
-          num_examples * (process_index + 1) // process_count)
+  return (
+      num_examples * process_index // process_count,
+      num_examples * (process_index + 1) // process_count,
+  )
 
 
 class _StreamingDataset:
@@ -245,14 +264,22 @@ class _StreamingDataset:
   [start, stop) of the eval split.
   """
 
-  def __init__(self, config: Any, *, num_classes: int, num_train_examples: int,
-               num_eval_examples: int,
-               read_train: Callable[[int, int, int], tf.data.Dataset],
-               read_eval: Callable[[int, int], tf.data.Dataset],
-               process_index: int, process_count: int):
+  def __init__(
+      self,
+      config: Any,
+      *,
+      num_classes: int,
+      num_train_examples: int,
+      num_eval_examples: int,
+      read_train: Callable[[int, int, int], tf.data.Dataset],
+      read_eval: Callable[[int, int], tf.data.Dataset],
+      process_index: int,
+      process_count: int,
+  ):
     size = config.dataset.image_size
-    self.info = data.DatasetInfo(num_classes, (size, size, 3),
-                                 num_train_examples, num_eval_examples)
+    self.info = data.DatasetInfo(
+        num_classes, (size, size, 3), num_train_examples, num_eval_examples
+    )
     self._config = config
     self._read_train, self._read_eval = read_train, read_eval
     self._process_index, self._process_count = process_index, process_count
@@ -263,17 +290,24 @@ class _StreamingDataset:
     if self._steps_per_epoch == 0:
       raise ConfigError(
           f"config.global_batch_size: {config.global_batch_size} exceeds the "
-          f"{num_train_examples} training examples")
+          f"{num_train_examples} training examples"
+      )
 
-  def _batches(self, ds: tf.data.Dataset,
-               preprocess: Callable[[dict[str, tf.Tensor]], tf.Tensor],
-               batch_size: int, drop_remainder: bool) -> Iterator[data.Batch]:
+  def _batches(
+      self,
+      ds: tf.data.Dataset,
+      preprocess: Callable[[dict[str, tf.Tensor]], tf.Tensor],
+      batch_size: int,
+      drop_remainder: bool,
+  ) -> Iterator[data.Batch]:
     """Numpy batches of {"image": preprocess(example), "label": int32}."""
-    ds = ds.map(lambda ex: {"image": preprocess(ex),
-                            "label": tf.cast(ex["label"], tf.int32)},
-                num_parallel_calls=_AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder,
-                  num_parallel_calls=_AUTOTUNE).prefetch(_AUTOTUNE)
+    ds = ds.map(
+        lambda ex: {"image": preprocess(ex), "label": tf.cast(ex["label"], tf.int32)},
+        num_parallel_calls=_AUTOTUNE,
+    )
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=_AUTOTUNE).prefetch(
+        _AUTOTUNE
+    )
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options).as_numpy_iterator()
@@ -284,23 +318,31 @@ class _StreamingDataset:
       yield from self._batches(
           self._read_train(epoch, index, self._steps_per_epoch),
           lambda ex: preprocess_train(ex["image"], ex["seed"], self._config),
-          self._local_batch, drop_remainder=True)
+          self._local_batch,
+          drop_remainder=True,
+      )
       epoch, index = epoch + 1, 0
 
   def eval_batches(self) -> Iterator[data.Batch]:
     start, stop, shard_max = data.eval_shard(
-        self.info.num_eval_examples, self._process_index, self._process_count)
+        self.info.num_eval_examples, self._process_index, self._process_count
+    )
     size = self._local_eval_batch
     num_batches = math.ceil(shard_max / size)
     batches = iter(())
     if start < stop:  # TFDS rejects empty slices.
-      batches = self._batches(self._read_eval(start, stop),
-                              lambda ex: preprocess_eval(ex["image"], self._config),
-                              size, drop_remainder=False)
+      batches = self._batches(
+          self._read_eval(start, stop),
+          lambda ex: preprocess_eval(ex["image"], self._config),
+          size,
+          drop_remainder=False,
+      )
     # Processes with a shorter shard pad with fully masked batches, so that all
     # run the collective eval step equally often.
-    empty = {"image": np.zeros((0, *self.info.image_shape), np.float32),
-             "label": np.zeros((0,), np.int32)}
+    empty = {
+        "image": np.zeros((0, *self.info.image_shape), np.float32),
+        "label": np.zeros((0,), np.int32),
+    }
     for _ in range(num_batches):
       yield data.pad_batch(next(batches, empty), size)
 
@@ -333,19 +375,27 @@ def _imagenet(config: Any, process_index: int, process_count: int) -> data.Datas
     # resumed example gets the seed it had in the uninterrupted run.
     ds = ds.take(steps_per_epoch * local_batch).enumerate()
     ds = ds.skip(first_step * local_batch)
-    return ds.map(lambda i, ex: {"image": ex["image"], "label": ex["label"],
-                                 "seed": _example_seed(key, i)})
+    return ds.map(
+        lambda i, ex: {"image": ex["image"], "label": ex["label"], "seed": _example_seed(key, i)}
+    )
 
   def read_eval(start: int, stop: int) -> tf.data.Dataset:
-    return builder.as_dataset(split=f"validation[{start}:{stop}]",
-                              decoders=_skip_decoding(),
-                              read_config=tfds.ReadConfig(try_autocache=False))
+    return builder.as_dataset(
+        split=f"validation[{start}:{stop}]",
+        decoders=_skip_decoding(),
+        read_config=tfds.ReadConfig(try_autocache=False),
+    )
 
   return _StreamingDataset(
-      config, num_classes=builder.info.features["label"].num_classes,
-      num_train_examples=num_train, num_eval_examples=num_eval,
-      read_train=read_train, read_eval=read_eval,
-      process_index=process_index, process_count=process_count)
+      config,
+      num_classes=builder.info.features["label"].num_classes,
+      num_train_examples=num_train,
+      num_eval_examples=num_eval,
+      read_train=read_train,
+      read_eval=read_eval,
+      process_index=process_index,
+      process_count=process_count,
+  )
 
 
 def _prepare_imagenet(builder: tfds.core.DatasetBuilder, config: Any) -> None:
@@ -355,9 +405,9 @@ def _prepare_imagenet(builder: tfds.core.DatasetBuilder, config: Any) -> None:
   eval run): concurrent preparation into a shared data_dir would race.
   """
   manual_dir = config.dataset.manual_dir or os.path.join(
-      builder.data_dir_root, "downloads", "manual")
-  missing = [f for f in _IMAGENET_TARS
-             if not tf.io.gfile.exists(os.path.join(manual_dir, f))]
+      builder.data_dir_root, "downloads", "manual"
+  )
+  missing = [f for f in _IMAGENET_TARS if not tf.io.gfile.exists(os.path.join(manual_dir, f))]
   if missing:
     raise ConfigError(
         f"config.dataset.manual_dir: imagenet2012 is not prepared in "
@@ -365,9 +415,9 @@ def _prepare_imagenet(builder: tfds.core.DatasetBuilder, config: Any) -> None:
         f"https://image-net.org/download-images: put ILSVRC2012_img_train.tar "
         f"(~138 GB) and ILSVRC2012_img_val.tar (~6.3 GB) into {manual_dir} "
         f"(missing: {', '.join(missing)}). TFDS converts them once into "
-        f"{builder.data_dir_root} (~155 GB more disk, hours); later runs reuse it.")
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        f"{builder.data_dir_root} (~155 GB more disk, hours); later runs reuse it."
+    )
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
 
 
 def _image_folder(config: Any, process_index: int, process_count: int) -> data.Dataset:
@@ -380,8 +430,10 @@ def _image_folder(config: Any, process_index: int, process_count: int) -> data.D
   """
   root = config.dataset.root
   if not root or not tf.io.gfile.isdir(root):
-    raise ConfigError(f"config.dataset.root: {root!r} is not a directory; it "
-                      "needs train/ and test/ (or val/) with one folder per class")
+    raise ConfigError(
+        f"config.dataset.root: {root!r} is not a directory; it "
+        "needs train/ and test/ (or val/) with one folder per class"
+    )
   builder = tfds.folder_dataset.ImageFolder(root)
   splits = builder.info.splits
   eval_split = next((s for s in _FOLDER_EVAL_SPLITS if s in splits), None)
@@ -389,15 +441,17 @@ def _image_folder(config: Any, process_index: int, process_count: int) -> data.D
     if split not in splits or splits[split].num_examples == 0:
       raise ConfigError(
           f"config.dataset.root: no images in {os.path.join(root, name)}; "
-          "expected <class>/<image>.jpg|.jpeg|.png below it")
+          "expected <class>/<image>.jpg|.jpeg|.png below it"
+      )
   train_paths, train_labels = _decodable_images(builder, "train", root)
   eval_paths, eval_labels = _decodable_images(builder, eval_split, root)
   mine = data.process_slice(config.global_batch_size, process_index, process_count)
 
   def read_files(paths: np.ndarray, labels: np.ndarray, **extra: Any) -> tf.data.Dataset:
     ds = tf.data.Dataset.from_tensor_slices({"path": paths, "label": labels, **extra})
-    return ds.map(lambda ex: {**ex, "image": tf.io.read_file(ex["path"])},
-                  num_parallel_calls=_AUTOTUNE)
+    return ds.map(
+        lambda ex: {**ex, "image": tf.io.read_file(ex["path"])}, num_parallel_calls=_AUTOTUNE
+    )
 
   def read_train(epoch: int, first_step: int, steps_per_epoch: int) -> tf.data.Dataset:
     # Global batch k of epoch e takes positions [k * B, (k + 1) * B) of a
@@ -408,21 +462,32 @@ def _image_folder(config: Any, process_index: int, process_count: int) -> data.D
     key = _seed_key(config.seed, epoch)
     ids = order[positions]
     ds = read_files(train_paths[ids], train_labels[ids], position=positions)
-    return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"],
-                              "seed": _example_seed(key, ex["position"])})
+    return ds.map(
+        lambda ex: {
+            "image": ex["image"],
+            "label": ex["label"],
+            "seed": _example_seed(key, ex["position"]),
+        }
+    )
 
   def read_eval(start: int, stop: int) -> tf.data.Dataset:
     return read_files(eval_paths[start:stop], eval_labels[start:stop])
 
   return _StreamingDataset(
-      config, num_classes=builder.info.features["label"].num_classes,
-      num_train_examples=len(train_paths), num_eval_examples=len(eval_paths),
-      read_train=read_train, read_eval=read_eval,
-      process_index=process_index, process_count=process_count)
+      config,
+      num_classes=builder.info.features["label"].num_classes,
+      num_train_examples=len(train_paths),
+      num_eval_examples=len(eval_paths),
+      read_train=read_train,
+      read_eval=read_eval,
+      process_index=process_index,
+      process_count=process_count,
+  )
 
 
-def _decodable_images(builder: tfds.core.DatasetBuilder, split: str, root: str
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def _decodable_images(
+    builder: tfds.core.DatasetBuilder, split: str, root: str
+) -> tuple[np.ndarray, np.ndarray]:
   """(paths, labels) of the split's decodable images, in the builder's fixed
   order. Raises ConfigError if none decodes."""
 
@@ -432,17 +497,23 @@ def _decodable_images(builder: tfds.core.DatasetBuilder, split: str, root: str
     image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
     return example["image/filename"], example["label"], tf.shape(image)
 
-  ds = builder.as_dataset(split=split, decoders=_skip_decoding(),
-                          read_config=tfds.ReadConfig(try_autocache=False))
+  ds = builder.as_dataset(
+      split=split, decoders=_skip_decoding(), read_config=tfds.ReadConfig(try_autocache=False)
+  )
   ds = ds.map(check, num_parallel_calls=_AUTOTUNE).ignore_errors()
   valid = list(ds.as_numpy_iterator())
   total = builder.info.splits[split].num_examples
   split_dir = os.path.join(root, split)
   if not valid:
-    raise ConfigError(f"config.dataset.root: none of the {total} images in "
-                      f"{split_dir} can be decoded")
+    raise ConfigError(
+        f"config.dataset.root: none of the {total} images in {split_dir} can be decoded"
+    )
   if len(valid) < total:
-    logging.warning("imagefolder: skipping %d of %d images in %s that cannot be "
-                    "decoded", total - len(valid), total, split_dir)
+    logging.warning(
+        "imagefolder: skipping %d of %d images in %s that cannot be decoded",
+        total - len(valid),
+        total,
+        split_dir,
+    )
   paths, labels, _ = zip(*valid)
   return np.asarray(paths), np.asarray(labels, np.int64)

@@ -20,7 +20,8 @@ Implementations:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,9 +47,7 @@ def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
   return "taps" if backend == "cpu" else "xla"
 
 
-def conv_padding(
-    padding: str, in_size: int, kernel_size: int, stride: int
-) -> tuple[int, int]:
+def conv_padding(padding: str, in_size: int, kernel_size: int, stride: int) -> tuple[int, int]:
   """(low, high) zero padding of one spatial dimension.
 
   "symmetric" pads k//2 on both sides (torchvision). "tf_same" is TensorFlow's
@@ -64,9 +63,7 @@ def conv_padding(
   raise ValueError(f"model.padding must be one of {PADDINGS}, got {padding!r}")
 
 
-def spatial_padding(
-    padding: str, shape: Sequence[int], kernel_size: int, stride: int
-) -> Padding:
+def spatial_padding(padding: str, shape: Sequence[int], kernel_size: int, stride: int) -> Padding:
   """Padding of an NHWC input's H and W for `lax` conv calls."""
   return [conv_padding(padding, s, kernel_size, stride) for s in shape[1:3]]
 
@@ -77,14 +74,10 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def xla_conv(x: Array, kernel: Array, stride: int, pads: Padding) -> Array:
-  return lax.conv_general_dilated(
-      x, kernel, (stride, stride), pads, dimension_numbers=_NHWC
-  )
+  return lax.conv_general_dilated(x, kernel, (stride, stride), pads, dimension_numbers=_NHWC)
 
 
-def xla_depthwise_conv(
-    x: Array, kernel: Array, stride: int, pads: Padding
-) -> Array:
+def xla_depthwise_conv(x: Array, kernel: Array, stride: int, pads: Padding) -> Array:
   return lax.conv_general_dilated(
       x,
       kernel,
@@ -118,8 +111,12 @@ BATCH_NORM_FNS: dict[str, Callable[..., tuple[Array, Array, Array]]] = {
 KERNEL_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def convolve(module: nn.Module, x: Array, kernel_shape: tuple[int, ...],
-             registry: dict[str, Callable[..., Array]]) -> Array:
+def convolve(
+    module: nn.Module,
+    x: Array,
+    kernel_shape: tuple[int, ...],
+    registry: dict[str, Callable[..., Array]],
+) -> Array:
   """Creates `module`'s kernel and applies the implementation it names."""
   kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
   x, kernel = x.astype(module.dtype), kernel.astype(module.dtype)
@@ -190,8 +187,9 @@ class BatchNorm(nn.Module):
   scale_init: Callable[..., Array] = nn.initializers.ones
 
   @nn.compact
-  def __call__(self, x: Array, matmul_input: Array | None = None,
-               matmul_kernel: Array | None = None) -> Array:
+  def __call__(
+      self, x: Array, matmul_input: Array | None = None, matmul_kernel: Array | None = None
+  ) -> Array:
     """Normalises x. When x is a convolution written as a matmul, x =
     `matmul_input @ matmul_kernel.reshape(-1, C)` (NHWC patches, HWIO
     kernel; see `Conv.matmul_input`), pass those too: the "taps" impl then
@@ -206,16 +204,21 @@ class BatchNorm(nn.Module):
     scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
     x = x.astype(self.dtype)
     if self.use_running_average:
-      return cpu_kernels.normalize(x, ra_mean.value, ra_var.value, scale, bias,
-                                   self.epsilon)
+      return cpu_kernels.normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
     impl = resolve_conv_impl(self.impl)
-    if (impl == "taps" and matmul_input is not None
+    if (
+        impl == "taps"
+        and matmul_input is not None
         and self.dtype == jnp.float32
-        and matmul_input.shape[-1] <= x.shape[-1]):
+        and matmul_input.shape[-1] <= x.shape[-1]
+    ):
       y, mean, var = cpu_kernels.conv_batch_norm(
           matmul_input.astype(jnp.float32).reshape(-1, matmul_input.shape[-1]),
           matmul_kernel.astype(jnp.float32).reshape(-1, x.shape[-1]),
-          scale, bias, self.epsilon)
+          scale,
+          bias,
+          self.epsilon,
+      )
       y = y.reshape(x.shape)
     else:
       y, mean, var = BATCH_NORM_FNS[impl](x, scale, bias, self.epsilon)

@@ -26,23 +26,34 @@ EXIT_USER_ERROR = 2
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", config_lib.__file__,
+    "config",
+    config_lib.__file__,
     "A config file (configs/*.py); by default the embedded digits config "
     "(config_lib.get_config). Override keys with --config.KEY=VALUE.",
     # An unknown --config.KEY then reaches config_lib.validate, which names it
     # in one line; ml_collections itself would raise a traceback.
-    lock_config=False, accept_new_attributes=True)
+    lock_config=False,
+    accept_new_attributes=True,
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, results.json.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "summary"],
-                  "train (resumes if WORKDIR has checkpoints), eval (the newest "
-                  "checkpoint), summary (params and multiply-adds, no data).")
-flags.DEFINE_string("coordinator_address", None,
-                    "Multi-process: host:port of process 0 (see launch/).")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval", "summary"],
+    "train (resumes if WORKDIR has checkpoints), eval (the newest "
+    "checkpoint), summary (params and multiply-adds, no data).",
+)
+flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process: host:port of process 0 (see launch/)."
+)
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
-flags.DEFINE_bool("jax_distributed_auto", False,
-                  "Call jax.distributed.initialize() with cluster auto-detection "
-                  "(SLURM, TPU pods, Kubernetes).")
+flags.DEFINE_bool(
+    "jax_distributed_auto",
+    False,
+    "Call jax.distributed.initialize() with cluster auto-detection "
+    "(SLURM, TPU pods, Kubernetes).",
+)
 
 
 def quiet_library_info_logs(record: pylogging.LogRecord) -> bool:
@@ -71,8 +82,7 @@ def initialize_jax(config) -> None:
     if FLAGS.num_processes is None or FLAGS.process_id is None:
       fail("--coordinator_address needs --num_processes and --process_id")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                               FLAGS.process_id)
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif FLAGS.jax_distributed_auto:
     jax.distributed.initialize()
   if jax.process_count() > 1 and jax.default_backend() == "cpu":
@@ -98,7 +108,8 @@ def summary(config) -> dict[str, int]:
   model = models.create_model(config.model, config.dataset.num_classes)
   shape = (size, size, channels)
   variables = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False)
+  )
   count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
   return {
       "params": count(variables["params"]),
@@ -120,9 +131,11 @@ def main(argv: list[str]) -> None:
   if FLAGS.mode == "summary":
     info = summary(config)
     print(json.dumps(info))
-    print(f"{info['params']:,} parameters, {info['batch_stats']:,} BatchNorm "
-          f"statistics, {info['macs'] / 1e6:.1f} M multiply-adds per "
-          f"{'x'.join(map(str, info['input_shape']))} image")
+    print(
+        f"{info['params']:,} parameters, {info['batch_stats']:,} BatchNorm "
+        f"statistics, {info['macs'] / 1e6:.1f} M multiply-adds per "
+        f"{'x'.join(map(str, info['input_shape']))} image"
+    )
     return
   logging.get_absl_handler().addFilter(quiet_library_info_logs)
   if not FLAGS.workdir:

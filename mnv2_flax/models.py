@@ -9,7 +9,8 @@ and never changes the parameter tree.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +53,9 @@ def relu6(x: jax.Array) -> jax.Array:
   return jnp.minimum(jnp.maximum(x, 0), 6)
 
 
-def conv_norm(conv: ModuleDef, norm: ModuleDef, x: jax.Array, features: int,
-              name: str, **conv_kwargs: Any) -> jax.Array:
+def conv_norm(
+    conv: ModuleDef, norm: ModuleDef, x: jax.Array, features: int, name: str, **conv_kwargs: Any
+) -> jax.Array:
   """Conv `name` then norm `name + "_bn"`. A `layers.BatchNorm` also gets the
   conv as a matmul (input patches and kernel), so that it may fuse the two;
   the parameters are those of the separate layers either way."""
@@ -62,8 +64,11 @@ def conv_norm(conv: ModuleDef, norm: ModuleDef, x: jax.Array, features: int,
   normalize = norm(name=f"{name}_bn")
   if not isinstance(normalize, layers.BatchNorm):
     return normalize(y)
-  return normalize(y, matmul_input=convolution.matmul_input(x),
-                   matmul_kernel=convolution.variables["params"]["kernel"])
+  return normalize(
+      y,
+      matmul_input=convolution.matmul_input(x),
+      matmul_kernel=convolution.variables["params"]["kernel"],
+  )
 
 
 class InvertedResidual(nn.Module):
@@ -91,25 +96,33 @@ class InvertedResidual(nn.Module):
   zero_init_residual: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, shortcut: jax.Array | None = None
-               ) -> tuple[jax.Array, jax.Array | None]:
+  def __call__(
+      self, x: jax.Array, shortcut: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array | None]:
     in_channels = x.shape[-1]
     has_shortcut = self.stride == 1 and in_channels == self.out_channels
-    branch_end_norm = (functools.partial(self.norm, scale_init=nn.initializers.zeros)
-                       if self.zero_init_residual else self.norm)
+    branch_end_norm = (
+        functools.partial(self.norm, scale_init=nn.initializers.zeros)
+        if self.zero_init_residual
+        else self.norm
+    )
     y = x
     if self.expansion != 1:
       norm = self.norm if shortcut is None else branch_end_norm
-      y = relu6(conv_norm(self.conv, norm, y, in_channels * self.expansion,
-                          "expand"))
+      y = relu6(conv_norm(self.conv, norm, y, in_channels * self.expansion, "expand"))
     if shortcut is not None:
       y = y + shortcut
     expanded = y
     y = self.depthwise_conv(strides=self.stride, name="depthwise")(y)
     y = relu6(self.norm(name="depthwise_bn")(y))
     bottleneck_shortcut = has_shortcut and self.residual == "bottleneck"
-    y = conv_norm(self.conv, branch_end_norm if bottleneck_shortcut else self.norm,
-                  y, self.out_channels, "project")
+    y = conv_norm(
+        self.conv,
+        branch_end_norm if bottleneck_shortcut else self.norm,
+        y,
+        self.out_channels,
+        "project",
+    )
     if self.bottleneck == "relu6":  # The paper's non-linear-bottleneck ablation.
       y = relu6(y)
     if bottleneck_shortcut:
@@ -163,12 +176,19 @@ class MobileNetV2(nn.Module):
     )
     block = nn.remat(InvertedResidual) if self.remat else InvertedResidual
 
-    x = relu6(conv_norm(conv, norm, x, make_divisible(32 * self.width_multiplier),
-                        "stem", kernel_size=3, strides=self.stem_stride))
+    x = relu6(
+        conv_norm(
+            conv,
+            norm,
+            x,
+            make_divisible(32 * self.width_multiplier),
+            "stem",
+            kernel_size=3,
+            strides=self.stem_stride,
+        )
+    )
     index, shortcut = 0, None
-    for (t, c, n, _), stride in zip(
-        INVERTED_RESIDUAL_SETTING, self.stage_strides, strict=True
-    ):
+    for (t, c, n, _), stride in zip(INVERTED_RESIDUAL_SETTING, self.stage_strides, strict=True):
       for i in range(n):
         x, shortcut = block(
             out_channels=make_divisible(c * self.width_multiplier),
@@ -232,7 +252,8 @@ def count_macs(model: nn.Module, variables: Any, image_shape: Sequence[int]) -> 
     out = next_fun(*args, **kwargs)
     module = context.module
     if context.method_name == "__call__" and isinstance(
-        module, (layers.Conv, layers.DepthwiseConv, nn.Dense)):
+        module, (layers.Conv, layers.DepthwiseConv, nn.Dense)
+    ):
       out_elems = 1
       for d in out.shape[1:]:
         out_elems *= d

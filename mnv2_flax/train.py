@@ -16,7 +16,8 @@ import json
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,8 @@ from flax import linen as nn
 from flax import struct
 from flax.training import train_state
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mnv2_flax import checkpoint, config_lib, datasets, errors, models
 
@@ -58,7 +60,9 @@ def learning_rate_schedule(
     main = optax.cosine_decay_schedule(o.learning_rate, max(num_steps - warmup, 1))
   elif o.schedule == "exponential":
     main = optax.exponential_decay(
-        o.learning_rate, int(o.decay_epochs * steps_per_epoch), o.decay_rate,
+        o.learning_rate,
+        int(o.decay_epochs * steps_per_epoch),
+        o.decay_rate,
         staircase=True,
     )
   else:
@@ -89,8 +93,14 @@ def create_optimizer(
   o = config.optimizer
   if o.name == "rmsprop":
     # TensorFlow's RMSProp: eps inside the sqrt, accumulator starts at 1.
-    opt = optax.rmsprop(lr_fn, decay=o.rmsprop_decay, eps=o.rmsprop_eps,
-                        initial_scale=1.0, eps_in_sqrt=True, momentum=o.momentum)
+    opt = optax.rmsprop(
+        lr_fn,
+        decay=o.rmsprop_decay,
+        eps=o.rmsprop_eps,
+        initial_scale=1.0,
+        eps_in_sqrt=True,
+        momentum=o.momentum,
+    )
   else:
     opt = optax.sgd(lr_fn, momentum=o.momentum, nesterov=o.nesterov)
   decay = optax.add_decayed_weights(
@@ -110,8 +120,7 @@ def prepare_images(images: jax.Array, image_size: int) -> jax.Array:
   return jax.image.resize(images, shape, "bilinear")
 
 
-def classification_metrics(logits: jax.Array, labels: jax.Array,
-                           weights: jax.Array) -> Metrics:
+def classification_metrics(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> Metrics:
   """Weighted sums of loss, top-1 and top-5 hits, and the example count."""
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   k = min(5, logits.shape[-1])
@@ -142,37 +151,42 @@ def train_step(
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, images,
-        train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng},
+        {"params": params, "batch_stats": state.batch_stats},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": dropout_rng},
     )
-    targets = optax.smooth_labels(
-        jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing
-    )
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
     loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
     return loss, (logits, updates["batch_stats"])
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True
-  )(state.params)
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if state.ema_params is not None:
-    new_state = new_state.replace(ema_params=optax.incremental_update(
-        new_state.params, state.ema_params, 1.0 - state.ema_decay))
-  finite = jnp.isfinite(loss) & jnp.all(jnp.array(
-      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    new_state = new_state.replace(
+        ema_params=optax.incremental_update(
+            new_state.params, state.ema_params, 1.0 - state.ema_decay
+        )
+    )
+  finite = jnp.isfinite(loss) & jnp.all(
+      jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+  )
   if skip_nonfinite:
     new_state = jax.tree.map(
         lambda new, old: jnp.where(finite, new, old), new_state, state
     ).replace(step=state.step + 1)
   sums = classification_metrics(logits, labels, jnp.ones_like(loss, shape=labels.shape))
   metrics = {k: sums[k] / sums["count"] for k in ("top1", "top5")}
-  metrics.update(loss=loss, learning_rate=lr_fn(state.step),
-                 nonfinite=jnp.logical_not(finite).astype(jnp.int32))
+  metrics.update(
+      loss=loss,
+      learning_rate=lr_fn(state.step),
+      nonfinite=jnp.logical_not(finite).astype(jnp.int32),
+  )
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
-              image_size: int) -> Metrics:
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, image_size: int) -> Metrics:
   images = prepare_images(batch["image"], image_size)
   logits = state.apply_fn(state.eval_variables(), images, train=False)
   return classification_metrics(logits, batch["label"], batch["mask"])
@@ -202,8 +216,7 @@ class Setup:
     """Assembles this process's numpy batch into a global, data-sharded array."""
     sharding = NamedSharding(self.mesh, P("data"))
     return {
-        k: v if isinstance(v, jax.Array)
-        else jax.make_array_from_process_local_data(sharding, v)
+        k: v if isinstance(v, jax.Array) else jax.make_array_from_process_local_data(sharding, v)
         for k, v in batch.items()
     }
 
@@ -211,20 +224,23 @@ class Setup:
 def create_mesh() -> jax.sharding.Mesh:
   # Auto axes: XLA propagates the batch sharding (and inserts the cross-device
   # reductions for gradients and BatchNorm statistics) by itself.
-  return jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
   """Validates the config, builds the dataset, model, optimizer and steps."""
   config_lib.validate(config, jax.device_count())
   mesh = create_mesh()
-  dataset = datasets.create_dataset(config, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+  dataset = datasets.create_dataset(
+      config, process_index=jax.process_index(), process_count=jax.process_count()
+  )
   info = dataset.info
   steps_per_epoch = max(info.num_train_examples // config.global_batch_size, 1)
-  num_steps = (config.num_train_steps if config.num_train_steps > 0
-               else int(config.num_epochs * steps_per_epoch))
+  num_steps = (
+      config.num_train_steps
+      if config.num_train_steps > 0
+      else int(config.num_epochs * steps_per_epoch)
+  )
   model = models.create_model(config.model, info.num_classes)
   lr_fn = learning_rate_schedule(config, steps_per_epoch, num_steps)
   tx = create_optimizer(config, lr_fn)
@@ -239,24 +255,40 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     variables = model.init(init_rng, images, train=False)
     ema = config.optimizer.ema_decay
     return TrainState.create(
-        apply_fn=model.apply, params=variables["params"], tx=tx,
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=tx,
         batch_stats=variables["batch_stats"],
-        ema_params=variables["params"] if ema > 0 else None, ema_decay=ema,
+        ema_params=variables["params"] if ema > 0 else None,
+        ema_decay=ema,
     )
 
   step = functools.partial(
-      train_step, rng=dropout_rng, image_size=image_size, lr_fn=lr_fn,
+      train_step,
+      rng=dropout_rng,
+      image_size=image_size,
+      lr_fn=lr_fn,
       label_smoothing=config.optimizer.label_smoothing,
       skip_nonfinite=config.skip_nonfinite_updates,
   )
   return Setup(
-      mesh=mesh, dataset=dataset, model=model, steps_per_epoch=steps_per_epoch,
-      num_steps=num_steps, init_state=init_state,
-      train_step=jax.jit(step, in_shardings=(replicated, batch_sharding),
-                         out_shardings=(replicated, replicated), donate_argnums=0),
-      eval_step=jax.jit(functools.partial(eval_step, image_size=image_size),
-                        in_shardings=(replicated, batch_sharding),
-                        out_shardings=replicated),
+      mesh=mesh,
+      dataset=dataset,
+      model=model,
+      steps_per_epoch=steps_per_epoch,
+      num_steps=num_steps,
+      init_state=init_state,
+      train_step=jax.jit(
+          step,
+          in_shardings=(replicated, batch_sharding),
+          out_shardings=(replicated, replicated),
+          donate_argnums=0,
+      ),
+      eval_step=jax.jit(
+          functools.partial(eval_step, image_size=image_size),
+          in_shardings=(replicated, batch_sharding),
+          out_shardings=replicated,
+      ),
   )
 
 
@@ -272,8 +304,8 @@ def evaluate_dataset(s: Setup, state: TrainState) -> dict[str, float]:
   results = {k: v / count for k, v in totals.items()}
   if not np.isfinite(results["loss"]):
     raise errors.NonFiniteError(
-        f"non-finite eval loss ({results['loss']}) of the weights at step "
-        f"{int(state.step)}")
+        f"non-finite eval loss ({results['loss']}) of the weights at step {int(state.step)}"
+    )
   results["num_examples"] = int(round(count))
   return results
 
@@ -287,7 +319,7 @@ def ensure_workdir(workdir: str) -> str:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise config_lib.ConfigError(f"--workdir {workdir} is not writable: {e.strerror}")
+    raise config_lib.ConfigError(f"--workdir {workdir} is not writable: {e.strerror}") from e
   return workdir
 
 
@@ -333,8 +365,9 @@ def abstract_state(s: Setup) -> TrainState:
   return checkpoint.abstract(jax.eval_shape(s.init_state), s.replicated)
 
 
-def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer,
-                    config: ml_collections.ConfigDict) -> TrainState:
+def restore_or_init(
+    s: Setup, ckpt: checkpoint.Checkpointer, config: ml_collections.ConfigDict
+) -> TrainState:
   """Latest checkpoint of the workdir, else `checkpoint_path`'s weights, else init."""
   if ckpt.latest_step() is not None:
     state, step = ckpt.restore(abstract_state(s))
@@ -345,13 +378,20 @@ def restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer,
     saved, step = checkpoint.read_checkpoint(config.checkpoint_path)
     variables, fresh = checkpoint.merge_matching(
         {"params": state.params, "batch_stats": state.batch_stats},
-        {"params": saved["params"], "batch_stats": saved["batch_stats"]})
-    logging.info("Initialised from %s step %d; newly initialised (shape differs "
-                 "or absent): %s", config.checkpoint_path, step, fresh or "none")
+        {"params": saved["params"], "batch_stats": saved["batch_stats"]},
+    )
+    logging.info(
+        "Initialised from %s step %d; newly initialised (shape differs or absent): %s",
+        config.checkpoint_path,
+        step,
+        fresh or "none",
+    )
     variables = jax.device_put(variables, s.replicated)
     state = state.replace(
-        params=variables["params"], batch_stats=variables["batch_stats"],
-        ema_params=None if state.ema_params is None else variables["params"])
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        ema_params=None if state.ema_params is None else variables["params"],
+    )
   return state
 
 
@@ -362,9 +402,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_time = time.time()
   workdir = ensure_workdir(workdir)
   s = setup(config)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 keep=config.keep_checkpoints,
-                                 best_metric=config.best_metric)
+  ckpt = checkpoint.Checkpointer(
+      os.path.join(workdir, "checkpoints"),
+      keep=config.keep_checkpoints,
+      best_metric=config.best_metric,
+  )
   state = restore_or_init(s, ckpt, config)
   start_step = int(state.step)
   is_main = jax.process_index() == 0
@@ -374,13 +416,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   report = periodic_actions.ReportProgress(num_train_steps=s.num_steps, writer=writer)
   hooks = [report]
   if config.profile_steps > 0 and is_main:
-    hooks.append(periodic_actions.Profile(
-        num_profile_steps=config.profile_steps, first_profile=start_step + 2,
-        logdir=workdir))
+    hooks.append(
+        periodic_actions.Profile(
+            num_profile_steps=config.profile_steps, first_profile=start_step + 2, logdir=workdir
+        )
+    )
   preemption = PreemptionWatcher()
   batches: Iterator[dict[str, Any]] = s.dataset.train_batches(start_step)
-  logging.info("Training %d steps (%d per epoch) from step %d on %d devices.",
-               s.num_steps, s.steps_per_epoch, start_step, jax.device_count())
+  logging.info(
+      "Training %d steps (%d per epoch) from step %d on %d devices.",
+      s.num_steps,
+      s.steps_per_epoch,
+      start_step,
+      jax.device_count(),
+  )
 
   pending: list[Metrics] = []  # Step metrics not yet logged.
   unchecked: list[tuple[int, jax.Array]] = []  # (step, non-finite flag) to inspect.
@@ -398,7 +447,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       raise errors.NonFiniteError(
           f"non-finite loss or gradients at step {bad[0]}; stopped at step {step}. "
           "Last good checkpoint: "
-          + ("none" if last_good is None else f"{ckpt.directory}/{last_good}"))
+          + ("none" if last_good is None else f"{ckpt.directory}/{last_good}")
+      )
 
   try:
     while step < s.num_steps:
@@ -415,7 +465,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         summary["skipped_updates"] = summary.pop("nonfinite") * len(fetched)
         summary["images_per_s"] = (
-            len(fetched) * config.global_batch_size / (time.time() - interval_start))
+            len(fetched) * config.global_batch_size / (time.time() - interval_start)
+        )
         writer.write_scalars(step, summary)
         pending, interval_start = [], time.time()
       if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < s.num_steps:
@@ -440,8 +491,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.close()
 
 
-def evaluate_and_log(s: Setup, state: TrainState, ckpt: checkpoint.Checkpointer,
-                     writer: Any, step: int) -> dict[str, Any]:
+def evaluate_and_log(
+    s: Setup, state: TrainState, ckpt: checkpoint.Checkpointer, writer: Any, step: int
+) -> dict[str, Any]:
   results = evaluate_dataset(s, state)
   writer.write_scalars(step, {f"eval_{k}": v for k, v in results.items()})
   ckpt.save_best(step, state, results)
@@ -460,8 +512,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ckpt = checkpoint.Checkpointer(directory, keep=1, read_only=True)
   state, step = ckpt.restore(abstract_state(s))
   results = evaluate_dataset(s, state)
-  results.update(step=step, wall_clock_s=time.time() - start_time,
-                 checkpoint=os.path.join(ckpt.directory, str(step)))
+  results.update(
+      step=step,
+      wall_clock_s=time.time() - start_time,
+      checkpoint=os.path.join(ckpt.directory, str(step)),
+  )
   write_results(workdir, results)
   return results
 

@@ -9,8 +9,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Compiled steps are reused across test runs (and by subprocesses, which
 # inherit the environment); a 2-core machine compiles MobileNetV2 slowly.
-CACHE_DIR = os.environ.setdefault(
-    "MNV2_TEST_CACHE_DIR", str(REPO / ".jax_cache"))
+CACHE_DIR = os.environ.setdefault("MNV2_TEST_CACHE_DIR", str(REPO / ".jax_cache"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -34,17 +33,22 @@ def tiny_config(**overrides):
   return config
 
 
-def run_main(args, *, devices: int = 1, timeout: int = 300, check: bool = True,
-             env=None) -> subprocess.CompletedProcess:
+def run_main(
+    args, *, devices: int = 1, timeout: int = 300, check: bool = True, env=None
+) -> subprocess.CompletedProcess:
   """Runs `python -m mnv2_flax.main ARGS` with `devices` fake CPU devices."""
   full_env = dict(os.environ, **(env or {}))
   full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
   args = [*args, f"--config.compilation_cache_dir={CACHE_DIR}"]
   proc = subprocess.run(
-      [sys.executable, "-m", "mnv2_flax.main", *args], cwd=REPO, env=full_env,
-      capture_output=True, text=True, timeout=timeout)
+      [sys.executable, "-m", "mnv2_flax.main", *args],
+      cwd=REPO,
+      env=full_env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
   if check and proc.returncode != 0:
     raise AssertionError(f"main failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
   return proc
-

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from conftest import REPO
 from mnv2_flax import allocator
+
+from conftest import REPO
 
 THP_MODE = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -46,11 +47,13 @@ print(huge_kb)
 
 
 def probe(**env_overrides):
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("GLIBC_TUNABLES", "MNV2_HUGE_PAGE_MALLOC")}
+  env = {
+      k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MNV2_HUGE_PAGE_MALLOC")
+  }
   env.update(env_overrides, PYTHONPATH=str(REPO))
-  out = subprocess.run([sys.executable, "-c", PROBE], env=env, check=True,
-                       capture_output=True, text=True, timeout=60).stdout
+  out = subprocess.run(
+      [sys.executable, "-c", PROBE], env=env, check=True, capture_output=True, text=True, timeout=60
+  ).stdout
   tunables, huge_kb = out.splitlines()
   return tunables, int(huge_kb)
 

@@ -9,13 +9,19 @@ import sys
 
 import pytest
 
-from conftest import REPO
 from mnv2_flax import benchmark
 
-TINY = ["--width=0.35", "--image_size=32", "--batch_size=4", "--steps=2",
-        "--warmup=1"]
-MODEL_KEYS = ("compile_s", "train_images_per_s", "infer_latency_ms_b1",
-              "infer_images_per_s", "peak_mb", "params")
+from conftest import REPO
+
+TINY = ["--width=0.35", "--image_size=32", "--batch_size=4", "--steps=2", "--warmup=1"]
+MODEL_KEYS = (
+    "compile_s",
+    "train_images_per_s",
+    "infer_latency_ms_b1",
+    "infer_images_per_s",
+    "peak_mb",
+    "params",
+)
 
 
 def run_benchmark(tmp_path, *flags):
@@ -45,12 +51,13 @@ def test_jax_benchmark_writes_positive_finite_numbers(tmp_path, capsys):
 
 def test_imports_without_tensorflow():
   # The GPU/TPU images have no TensorFlow: only --compare/--pipeline need it.
-  code = ("import sys; sys.modules['tensorflow'] = None; "
-          "from mnv2_flax import benchmark; "
-          "benchmark.make_config(benchmark.parse_args([]))")
+  code = (
+      "import sys; sys.modules['tensorflow'] = None; "
+      "from mnv2_flax import benchmark; "
+      "benchmark.make_config(benchmark.parse_args([]))"
+  )
   env = dict(os.environ, PYTHONPATH=str(REPO))
-  subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True,
-                 timeout=120)
+  subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, timeout=120)
 
 
 def test_unknown_framework_is_a_usage_error():
@@ -60,19 +67,24 @@ def test_unknown_framework_is_a_usage_error():
 
 def test_torch_runs_before_tensorflow_is_imported():
   # Importing torchvision after TensorFlow segfaulted (torch 2.14.1, tf 2.21).
-  assert benchmark.parse_args(["--compare=keras,torch,keras"]).compare == [
-      "torch", "keras"]
+  assert benchmark.parse_args(["--compare=keras,torch,keras"]).compare == ["torch", "keras"]
 
 
 def test_markdown_tables_show_ratios_and_skipped_frameworks():
-  row = {"train_images_per_s": 100.0, "infer_latency_ms_b1": 2.0,
-         "infer_images_per_s": 500.0, "compile_s": 10.0, "peak_mb": 900.0}
-  results = {"jax": row, "keras": dict(row, train_images_per_s=50.0,
-                                       infer_latency_ms_b1=3.0),
-             "torch": {"skipped": "not installed (torch)"}}
+  row = {
+      "train_images_per_s": 100.0,
+      "infer_latency_ms_b1": 2.0,
+      "infer_images_per_s": 500.0,
+      "compile_s": 10.0,
+      "peak_mb": 900.0,
+  }
+  results = {
+      "jax": row,
+      "keras": dict(row, train_images_per_s=50.0, infer_latency_ms_b1=3.0),
+      "torch": {"skipped": "not installed (torch)"},
+  }
   results["ratios"] = benchmark.ratios(results)
-  assert results["ratios"] == {"jax/keras train img/s": 2.0,
-                               "keras/jax latency b1": 1.5}
+  assert results["ratios"] == {"jax/keras train img/s": 2.0, "keras/jax latency b1": 1.5}
   table = benchmark.markdown_tables(results)
   assert "| jax | 100.0 | 2.00 | 500.0 | 10.0 | 900 |" in table
   assert "| torch | skipped: not installed (torch) |" in table
@@ -80,8 +92,7 @@ def test_markdown_tables_show_ratios_and_skipped_frameworks():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("keras") is None,
-                    reason="keras is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="keras is not installed")
 def test_keras_comparison(tmp_path):
   results = run_benchmark(tmp_path, *TINY, "--compare=keras")
   assert_positive_finite(results["keras"], MODEL_KEYS)
@@ -91,17 +102,28 @@ def test_keras_comparison(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(any(importlib.util.find_spec(m) is None
-                        for m in ("keras", "torch", "torchvision")),
-                    reason="keras, torch or torchvision is not installed")
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("keras", "torch", "torchvision")),
+    reason="keras, torch or torchvision is not installed",
+)
 def test_keras_and_torch_comparison_in_one_process(tmp_path):
   # The command line in a fresh process: torchvision's import crashes in a
   # process that has already imported TensorFlow (an earlier test's).
   path = tmp_path / "results.json"
   # Output not captured here, so pytest shows it when the command fails.
   subprocess.run(
-      [sys.executable, "-m", "mnv2_flax.benchmark", *TINY, "--compare=keras,torch",
-       f"--json={path}"], cwd=REPO, check=True, timeout=600)
+      [
+          sys.executable,
+          "-m",
+          "mnv2_flax.benchmark",
+          *TINY,
+          "--compare=keras,torch",
+          f"--json={path}",
+      ],
+      cwd=REPO,
+      check=True,
+      timeout=600,
+  )
   with open(path) as f:
     results = json.load(f)
   for name in ("keras", "torch"):
@@ -114,9 +136,16 @@ def test_keras_and_torch_comparison_in_one_process(tmp_path):
 @pytest.mark.slow
 def test_pipeline(tmp_path):
   pytest.importorskip("tensorflow")
-  results = run_benchmark(tmp_path, "--skip_model", "--pipeline", "--image_size=32",
-                          "--batch_size=2", "--pipeline_images=4",
-                          "--pipeline_batches=2", "--warmup=0")
+  results = run_benchmark(
+      tmp_path,
+      "--skip_model",
+      "--pipeline",
+      "--image_size=32",
+      "--batch_size=2",
+      "--pipeline_images=4",
+      "--pipeline_batches=2",
+      "--warmup=0",
+  )
   assert "jax" not in results
   pipeline = results["pipeline"]
   for name in ("project", "bare", "project_over_bare"):

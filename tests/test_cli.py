@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from absl import flags
 
-from conftest import run_main, tiny_config
 from mnv2_flax import checkpoint, config_lib, errors, train
 from mnv2_flax import main as cli
+
+from conftest import run_main, tiny_config
 
 IMAGENET = "--config=configs/imagenet.py"
 
@@ -50,9 +51,11 @@ def other_model_checkpoint(tmp_path_factory, wide_setup):
 # empty directory, {ckpt} a checkpoint of another model.
 BAD_INPUTS = [
     ("unknown key", ["--config.model.widht=1"], "config.model.widht: unknown key"),
-    ("unknown key with a config file",
-     ["--config=configs/smoke.py", "--config.optimizer.lr=0.1"],
-     "config.optimizer.lr: unknown key (set to 0.1)"),
+    (
+        "unknown key with a config file",
+        ["--config=configs/smoke.py", "--config.optimizer.lr=0.1"],
+        "config.optimizer.lr: unknown key (set to 0.1)",
+    ),
     ("wrong type", ["--config.model.width_multiplier=wide"], "width_multiplier"),
     ("zero lr", ["--config.optimizer.learning_rate=0"], "optimizer.learning_rate"),
     ("negative lr", ["--config.optimizer.learning_rate=-0.1"], "optimizer.learning_rate"),
@@ -69,38 +72,75 @@ BAD_INPUTS = [
     ("bad strides", ["--config.model.stage_strides=(1,2)"], "model.stage_strides"),
     ("stride 3", ["--config.model.stem_stride=3"], "stride"),
     ("dropout 1", ["--config.model.dropout_rate=1.0"], "model.dropout_rate"),
-    ("bad residual", ["--config.model.residual=dense"],
-     "config.model.residual: must be 'bottleneck', 'expansion' or 'none', got 'dense'"),
-    ("bn momentum 1.5", ["--config.model.bn_momentum=1.5"],
-     "config.model.bn_momentum: must be a float in [0, 1), got 1.5"),
+    (
+        "bad residual",
+        ["--config.model.residual=dense"],
+        "config.model.residual: must be 'bottleneck', 'expansion' or 'none', got 'dense'",
+    ),
+    (
+        "bn momentum 1.5",
+        ["--config.model.bn_momentum=1.5"],
+        "config.model.bn_momentum: must be a float in [0, 1), got 1.5",
+    ),
     ("zero bn epsilon", ["--config.model.bn_epsilon=0"], "config.model.bn_epsilon:"),
-    ("negative momentum", ["--config.optimizer.momentum=-1"],
-     "config.optimizer.momentum: must be a float in [0, 1), got -1.0"),
-    ("negative warmup", ["--config.optimizer.warmup_epochs=-1"],
-     "config.optimizer.warmup_epochs: must be a float >= 0, got -1.0"),
-    ("zero decay rate", ["--config.optimizer.decay_rate=0"],
-     "config.optimizer.decay_rate: must be a float in (0, 1], got 0.0"),
-    ("zero decay epochs", ["--config.optimizer.decay_epochs=0"],
-     "config.optimizer.decay_epochs:"),
-    ("nan lr", ["--config.optimizer.learning_rate=nan"],
-     "config.optimizer.learning_rate: must be a float > 0, got nan"),
-    ("two-channel mean", ["--config.dataset.mean=(0.5,0.5)"],
-     "config.dataset.mean: must be a tuple of 1 or 3 entries, each a float in "
-     "[0, 1], got (0.5, 0.5)"),
-    ("zero std", ["--config.dataset.std=(0,0,0)"],
-     "config.dataset.std: must be a tuple of 1 or 3 entries, each a float > 0, "
-     "got (0, 0, 0)"),
-    ("mean and std lengths differ", ["--config.dataset.std=(0.5,)"],
-     "config.dataset.std: has 1 entries but dataset.mean has 3"),
-    ("crop area 2", ["--config.dataset.crop_area_min=2"],
-     "config.dataset.crop_area_min: must be a float in (0, 1], got 2.0"),
-    ("zero eval crop", ["--config.dataset.eval_crop_fraction=0"],
-     "config.dataset.eval_crop_fraction:"),
-    ("zero shuffle buffer", ["--config.dataset.shuffle_buffer=0"],
-     "config.dataset.shuffle_buffer: must be an int >= 1, got 0"),
+    (
+        "negative momentum",
+        ["--config.optimizer.momentum=-1"],
+        "config.optimizer.momentum: must be a float in [0, 1), got -1.0",
+    ),
+    (
+        "negative warmup",
+        ["--config.optimizer.warmup_epochs=-1"],
+        "config.optimizer.warmup_epochs: must be a float >= 0, got -1.0",
+    ),
+    (
+        "zero decay rate",
+        ["--config.optimizer.decay_rate=0"],
+        "config.optimizer.decay_rate: must be a float in (0, 1], got 0.0",
+    ),
+    ("zero decay epochs", ["--config.optimizer.decay_epochs=0"], "config.optimizer.decay_epochs:"),
+    (
+        "nan lr",
+        ["--config.optimizer.learning_rate=nan"],
+        "config.optimizer.learning_rate: must be a float > 0, got nan",
+    ),
+    (
+        "two-channel mean",
+        ["--config.dataset.mean=(0.5,0.5)"],
+        "config.dataset.mean: must be a tuple of 1 or 3 entries, each a float in "
+        "[0, 1], got (0.5, 0.5)",
+    ),
+    (
+        "zero std",
+        ["--config.dataset.std=(0,0,0)"],
+        "config.dataset.std: must be a tuple of 1 or 3 entries, each a float > 0, got (0, 0, 0)",
+    ),
+    (
+        "mean and std lengths differ",
+        ["--config.dataset.std=(0.5,)"],
+        "config.dataset.std: has 1 entries but dataset.mean has 3",
+    ),
+    (
+        "crop area 2",
+        ["--config.dataset.crop_area_min=2"],
+        "config.dataset.crop_area_min: must be a float in (0, 1], got 2.0",
+    ),
+    (
+        "zero eval crop",
+        ["--config.dataset.eval_crop_fraction=0"],
+        "config.dataset.eval_crop_fraction:",
+    ),
+    (
+        "zero shuffle buffer",
+        ["--config.dataset.shuffle_buffer=0"],
+        "config.dataset.shuffle_buffer: must be an int >= 1, got 0",
+    ),
     ("negative seed", ["--config.seed=-1"], "config.seed: must be an int >= 0, got -1"),
-    ("zero train steps", ["--config.num_train_steps=0"],
-     "config.num_train_steps: must be -1 or an int >= 1, got 0"),
+    (
+        "zero train steps",
+        ["--config.num_train_steps=0"],
+        "config.num_train_steps: must be -1 or an int >= 1, got 0",
+    ),
     ("no checkpoints kept", ["--config.keep_checkpoints=0"], "config.keep_checkpoints:"),
     ("negative profile steps", ["--config.profile_steps=-1"], "config.profile_steps:"),
     ("bad optimizer", ["--config.optimizer.name=adam"], "optimizer.name"),
@@ -109,24 +149,38 @@ BAD_INPUTS = [
     ("missing config file", ["--config=configs/nope.py"], "nope.py"),
     ("bad mode", ["--mode=predict"], "mode"),
     ("stray argument", ["train"], "unexpected arguments"),
-    ("imagenet not downloaded",
-     [IMAGENET, "--config.dataset.data_dir={tmp}/tfds",
-      "--config.dataset.manual_dir={tmp}/manual"], "ILSVRC2012_img_train.tar"),
-    ("image folder missing",
-     ["--config=configs/imagefolder.py", "--config.dataset.root={tmp}/nothing"],
-     "dataset.root"),
-    ("image folder empty",
-     ["--config=configs/imagefolder.py", "--config.dataset.root={tmp}"], "dataset.root"),
+    (
+        "imagenet not downloaded",
+        [
+            IMAGENET,
+            "--config.dataset.data_dir={tmp}/tfds",
+            "--config.dataset.manual_dir={tmp}/manual",
+        ],
+        "ILSVRC2012_img_train.tar",
+    ),
+    (
+        "image folder missing",
+        ["--config=configs/imagefolder.py", "--config.dataset.root={tmp}/nothing"],
+        "dataset.root",
+    ),
+    (
+        "image folder empty",
+        ["--config=configs/imagefolder.py", "--config.dataset.root={tmp}"],
+        "dataset.root",
+    ),
     ("eval without checkpoint", ["--mode=eval"], "no checkpoint"),
-    ("incompatible checkpoint",
-     ["--config=configs/smoke.py", "--mode=eval", "--config.checkpoint_path={ckpt}"],
-     "params/block10/expand_bn/bias: checkpoint (192,) vs model (144,)"),
+    (
+        "incompatible checkpoint",
+        ["--config=configs/smoke.py", "--mode=eval", "--config.checkpoint_path={ckpt}"],
+        "params/block10/expand_bn/bias: checkpoint (192,) vs model (144,)",
+    ),
     ("unwritable workdir", ["--workdir=/proc/version/run"], "/proc/version/run"),
 ]
 
 
-@pytest.mark.parametrize("argv,expected", [c[1:] for c in BAD_INPUTS],
-                         ids=[c[0] for c in BAD_INPUTS])
+@pytest.mark.parametrize(
+    "argv,expected", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
+)
 def test_bad_input_is_one_line_exit_2(argv, expected, tmp_path, capsys, request):
   substitutions = {"tmp": tmp_path}
   if any("{ckpt}" in a for a in argv):
@@ -145,8 +199,11 @@ def test_bad_input_is_one_line_exit_2(argv, expected, tmp_path, capsys, request)
 @pytest.mark.slow
 def test_subprocess_errors_exit_2_without_traceback(tmp_path):
   # Divisibility needs several devices; run the real CLI in a subprocess.
-  proc = run_main(["--config=configs/smoke.py", "--config.global_batch_size=30",
-                   f"--workdir={tmp_path}"], devices=4, check=False)
+  proc = run_main(
+      ["--config=configs/smoke.py", "--config.global_batch_size=30", f"--workdir={tmp_path}"],
+      devices=4,
+      check=False,
+  )
   assert proc.returncode == 2
   assert "Traceback" not in proc.stderr
   assert "global_batch_size: 30 is not divisible by the 4 devices" in proc.stderr

@@ -5,8 +5,9 @@ import math
 
 import pytest
 
-from conftest import REPO
 from mnv2_flax import config_lib
+
+from conftest import REPO
 
 
 def leaf_names(config, prefix=""):
@@ -46,8 +47,7 @@ def test_every_key_is_declared_once_and_its_default_passes():
   config_lib.validate(config_lib.base_config(), device_count=1)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.py")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.py")), ids=lambda p: p.name)
 def test_config_files_validate(path):
   config_lib.validate(load_config_file(path), device_count=1)
 
@@ -55,33 +55,36 @@ def test_config_files_validate(path):
 def test_undeclared_key_is_refused():
   config = config_lib.base_config()
   config.model.widht = 1.0  # A config file's typo.
-  with pytest.raises(config_lib.ConfigError,
-                     match=r"^config\.model\.widht: unknown key \(set to 1\.0\)"):
+  with pytest.raises(
+      config_lib.ConfigError, match=r"^config\.model\.widht: unknown key \(set to 1\.0\)"
+  ):
     config_lib.validate(config, device_count=1)
 
 
 def test_missing_key_is_refused():
   config = config_lib.base_config()
   del config.optimizer["momentum"]
-  with pytest.raises(config_lib.ConfigError,
-                     match=r"^config\.optimizer\.momentum: is missing$"):
+  with pytest.raises(config_lib.ConfigError, match=r"^config\.optimizer\.momentum: is missing$"):
     config_lib.validate(config, device_count=1)
 
 
 # Values only a config file can set: the CLI casts to the default's type.
-@pytest.mark.parametrize("name,value,expected", [
-    ("model.remat", 1, "config.model.remat: must be a bool, got 1"),
-    ("skip_nonfinite_updates", "yes", "config.skip_nonfinite_updates: must be a bool"),
-    ("seed", True, "config.seed: must be an int >= 0, got True"),
-    ("global_batch_size", 64.0, "config.global_batch_size: must be an int >= 1, got 64.0"),
-    ("model.stem_stride", True, "config.model.stem_stride: must be 1 or 2, got True"),
-    ("model.stage_strides", [1, 2, 2, 2, 1, 2, True], "config.model.stage_strides:"),
-    ("optimizer.learning_rate", math.inf, "config.optimizer.learning_rate:"),
-    ("optimizer.momentum", False, "config.optimizer.momentum: must be a float"),
-    ("dataset.mean", "0.5", "config.dataset.mean: must be a tuple"),
-    ("dataset.data_dir", None, "config.dataset.data_dir: must be a string, got None"),
-    ("model.residual", None, "config.model.residual: must be 'bottleneck', "),
-])
+@pytest.mark.parametrize(
+    "name,value,expected",
+    [
+        ("model.remat", 1, "config.model.remat: must be a bool, got 1"),
+        ("skip_nonfinite_updates", "yes", "config.skip_nonfinite_updates: must be a bool"),
+        ("seed", True, "config.seed: must be an int >= 0, got True"),
+        ("global_batch_size", 64.0, "config.global_batch_size: must be an int >= 1, got 64.0"),
+        ("model.stem_stride", True, "config.model.stem_stride: must be 1 or 2, got True"),
+        ("model.stage_strides", [1, 2, 2, 2, 1, 2, True], "config.model.stage_strides:"),
+        ("optimizer.learning_rate", math.inf, "config.optimizer.learning_rate:"),
+        ("optimizer.momentum", False, "config.optimizer.momentum: must be a float"),
+        ("dataset.mean", "0.5", "config.dataset.mean: must be a tuple"),
+        ("dataset.data_dir", None, "config.dataset.data_dir: must be a string, got None"),
+        ("model.residual", None, "config.model.residual: must be 'bottleneck', "),
+    ],
+)
 def test_config_file_types_are_checked(name, value, expected):
   with pytest.raises(config_lib.ConfigError) as error:
     config_lib.validate(with_value(name, value), device_count=1)
@@ -89,11 +92,14 @@ def test_config_file_types_are_checked(name, value, expected):
   assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("name,value", [
-    ("num_epochs", 5),  # An int where a float is declared.
-    ("model.stage_strides", [1, 1, 2, 2, 1, 2, 1]),  # A list for a tuple.
-    ("eval_every_steps", 0),  # Any int: <= 0 disables periodic evals.
-])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("num_epochs", 5),  # An int where a float is declared.
+        ("model.stage_strides", [1, 1, 2, 2, 1, 2, 1]),  # A list for a tuple.
+        ("eval_every_steps", 0),  # Any int: <= 0 disables periodic evals.
+    ],
+)
 def test_accepts_what_a_config_file_may_write(name, value):
   config_lib.validate(with_value(name, value), device_count=1)
 
@@ -103,6 +109,8 @@ def test_cross_key_checks():
   config.num_epochs = 0.0
   config.num_train_steps = 5  # Steps decide: no epochs needed.
   config_lib.validate(config, device_count=1)
-  with pytest.raises(config_lib.ConfigError,
-                     match="^config.global_batch_size: 64 is not divisible by the 3 devices$"):
+  with pytest.raises(
+      config_lib.ConfigError,
+      match="^config.global_batch_size: 64 is not divisible by the 3 devices$",
+  ):
     config_lib.validate(config, device_count=3)

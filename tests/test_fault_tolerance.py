@@ -13,8 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, SMOKE_CONFIG, tiny_config
 from mnv2_flax import checkpoint, data, errors, train
+
+from conftest import REPO, SMOKE_CONFIG, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,12 @@ def start_main(args) -> subprocess.Popen:
   env = dict(os.environ, PYTHONPATH=str(REPO))
   return subprocess.Popen(
       [sys.executable, "-m", "mnv2_flax.main", f"--config={SMOKE_CONFIG}", *args],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
 
 
 def wait_for_checkpoint(workdir: pathlib.Path, step: int, proc, timeout=240) -> None:
@@ -40,8 +46,11 @@ def final_params(workdir):
 
 
 def test_sigkill_then_rerun_is_bitwise_identical(tmp_path):
-  args = ["--config.num_train_steps=24", "--config.checkpoint_every_steps=4",
-          f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"]
+  args = [
+      "--config.num_train_steps=24",
+      "--config.checkpoint_every_steps=4",
+      f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}",
+  ]
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   proc = start_main([*args, f"--workdir={straight}"])
   assert proc.wait(timeout=300) == 0, proc.communicate()[1][-2000:]
@@ -62,9 +71,12 @@ def test_sigkill_then_rerun_is_bitwise_identical(tmp_path):
 
 
 def test_sigterm_saves_at_step_boundary_and_resume_continues(tmp_path):
-  args = [f"--workdir={tmp_path}", "--config.num_train_steps=400",
-          "--config.checkpoint_every_steps=4",
-          f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"]
+  args = [
+      f"--workdir={tmp_path}",
+      "--config.num_train_steps=400",
+      "--config.checkpoint_every_steps=4",
+      f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}",
+  ]
   proc = start_main(args)
   wait_for_checkpoint(tmp_path, 4, proc)
   proc.send_signal(signal.SIGTERM)
@@ -131,8 +143,10 @@ def poison_step(monkeypatch, poisoned_step: int) -> None:
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   poison_step(monkeypatch, 6)
   config = tiny_config(num_train_steps=12)
-  with pytest.raises(errors.NonFiniteError,
-                     match=r"at step 6; stopped at step 8\. Last good checkpoint: .*/checkpoints/4"):
+  with pytest.raises(
+      errors.NonFiniteError,
+      match=r"at step 6; stopped at step 8\. Last good checkpoint: .*/checkpoints/4",
+  ):
     train.train_and_evaluate(config, str(tmp_path))
   assert os.listdir(tmp_path / "checkpoints") == ["4"]
 

@@ -15,8 +15,7 @@ from conftest import REPO
 PACKAGE = "mnv2_flax"
 
 
-def _imported_modules(tree: ast.AST, modules: set[str],
-                      module: str) -> set[str]:
+def _imported_modules(tree: ast.AST, modules: set[str], module: str) -> set[str]:
   """The package's modules that `module`'s syntax tree imports, anywhere."""
   found = set()
   for node in ast.walk(tree):
@@ -44,8 +43,7 @@ def import_graph(package_dir: pathlib.Path) -> dict[str, set[str]]:
   """Module name -> the package's modules it imports."""
   paths = {p.stem: p for p in sorted(package_dir.glob("*.py"))}
   return {
-      name: _imported_modules(ast.parse(path.read_text(), str(path)),
-                              set(paths), name)
+      name: _imported_modules(ast.parse(path.read_text(), str(path)), set(paths), name)
       for name, path in paths.items()
   }
 
@@ -56,7 +54,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
   def visit(node: str) -> list[str] | None:
     if node in path:
-      return path[path.index(node):] + [node]
+      return path[path.index(node) :] + [node]
     if node in done:
       return None
     path.append(node)
@@ -87,7 +85,8 @@ def test_graph_sees_function_level_and_from_imports(tmp_path):
       "def f():\n"
       "  from mnv2_flax.c import thing\n"
       "  import mnv2_flax.d\n"
-      "  from . import e\n")
+      "  from . import e\n"
+  )
   for name in "bcde":
     (tmp_path / f"{name}.py").write_text("import os\n")
   assert import_graph(tmp_path)["a"] == {"b", "c", "d", "e"}

@@ -12,7 +12,8 @@ import contextlib
 import itertools
 import logging
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -29,23 +30,29 @@ IMAGE_SIZE = 32
 def make_config(**overrides: Any) -> ml_collections.ConfigDict:
   """base_config() with small batches; keys are dotted, e.g. dataset__name."""
   config = config_lib.base_config()
-  config.update_from_flattened_dict({
-      "global_batch_size": 8,
-      "eval_batch_size": 8,
-      "dataset.image_size": IMAGE_SIZE,
-      "dataset.shuffle_buffer": 16,
-      **{k.replace("__", "."): v for k, v in overrides.items()},
-  })
+  config.update_from_flattened_dict(
+      {
+          "global_batch_size": 8,
+          "eval_batch_size": 8,
+          "dataset.image_size": IMAGE_SIZE,
+          "dataset.shuffle_buffer": 16,
+          **{k.replace("__", "."): v for k, v in overrides.items()},
+      }
+  )
   return config
 
 
 def write_split_metadata(data_dir: str, name: str, sizes: dict[str, int]) -> None:
   """Writes the dataset_info a prepared `name` would have, with these splits."""
   builder = tfds.builder(name, data_dir=data_dir)
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0)
-      for split, n in sizes.items()
-  ]))
+  builder.info.set_splits(
+      tfds.core.SplitDict(
+          [
+              tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0)
+              for split, n in sizes.items()
+          ]
+      )
+  )
   builder.data_path.mkdir(parents=True)
   builder.info.write_to_directory(builder.data_path)
 
@@ -60,8 +67,7 @@ def random_jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
 # ------------------------------------------------------------------------------
 
 
-def check_batch(batch: dict[str, np.ndarray], shape: tuple[int, ...],
-                num_classes: int) -> None:
+def check_batch(batch: dict[str, np.ndarray], shape: tuple[int, ...], num_classes: int) -> None:
   assert batch["image"].shape == shape and batch["image"].dtype == np.float32
   assert np.isfinite(batch["image"]).all()
   assert -3.0 < batch["image"].min() and batch["image"].max() < 3.0
@@ -75,18 +81,16 @@ def check_resume(dataset: Any, steps_per_epoch: int) -> None:
   reference = list(itertools.islice(dataset.train_batches(0), 2 * steps_per_epoch))
   for k in (1, steps_per_epoch - 1, steps_per_epoch + 1):
     resumed = list(itertools.islice(dataset.train_batches(k), 2))
-    for got, want in zip(resumed, reference[k:k + 2], strict=True):
+    for got, want in zip(resumed, reference[k : k + 2], strict=True):
       np.testing.assert_array_equal(got["image"], want["image"])
       np.testing.assert_array_equal(got["label"], want["label"])
   # Epochs are reshuffled and re-augmented.
   assert not np.array_equal(reference[0]["image"], reference[steps_per_epoch]["image"])
 
 
-def eval_rows(make: Callable[[int, int], Any], process_count: int
-              ) -> list[np.ndarray]:
+def eval_rows(make: Callable[[int, int], Any], process_count: int) -> list[np.ndarray]:
   """The unmasked eval images of each process, checking the padding contract."""
-  per_process = [list(make(i, process_count).eval_batches())
-                 for i in range(process_count)]
+  per_process = [list(make(i, process_count).eval_batches()) for i in range(process_count)]
   assert len({len(batches) for batches in per_process}) == 1
   rows = []
   for batches in per_process:
@@ -104,8 +108,7 @@ def check_eval_exactly_once(make: Callable[[int, int], Any], num_examples: int) 
   single = np.concatenate(eval_rows(make, 1))
   assert len(single) == num_examples
   for process_count in (2, 4):
-    np.testing.assert_array_equal(np.concatenate(eval_rows(make, process_count)),
-                                  single)
+    np.testing.assert_array_equal(np.concatenate(eval_rows(make, process_count)), single)
 
 
 # ------------------------------------------------------------------------------
@@ -117,8 +120,7 @@ def check_eval_exactly_once(make: Callable[[int, int], Any], num_examples: int) 
 def imagenet_files(tmp_path_factory) -> tuple[str, dict[str, list[bytes]]]:
   """Split metadata and JPEGs of varied shapes; label = index in the split."""
   data_dir = str(tmp_path_factory.mktemp("imagenet_data"))
-  write_split_metadata(data_dir, "imagenet2012",
-                       {"train": NUM_TRAIN, "validation": NUM_EVAL})
+  write_split_metadata(data_dir, "imagenet2012", {"train": NUM_TRAIN, "validation": NUM_EVAL})
   rng = np.random.default_rng(0)
   images = {
       split: [random_jpeg(rng, *rng.integers(24, 64, 2)) for _ in range(n)]
@@ -133,32 +135,35 @@ def mock_imagenet(imagenet_files) -> Iterator[None]:
 
   def as_dataset(builder, split, decoders=None, read_config=None, shuffle_files=False):
     del decoders, read_config, shuffle_files  # Images stay encoded; order fixed.
-    instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(
-        builder.info.splits)
+    instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
     window = [slice(i.from_, i.to) for i in instructions]  # Bounds may be None.
-    return tf.data.Dataset.from_tensor_slices({
-        "image": sum((images[i.splitname][w] for i, w in zip(instructions, window)), []),
-        "label": np.concatenate([np.arange(len(images[i.splitname]))[w]
-                                 for i, w in zip(instructions, window)]),
-    })
+    return tf.data.Dataset.from_tensor_slices(
+        {
+            "image": sum((images[i.splitname][w] for i, w in zip(instructions, window)), []),
+            "label": np.concatenate(
+                [np.arange(len(images[i.splitname]))[w] for i, w in zip(instructions, window)]
+            ),
+        }
+    )
 
-  with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_FILES,
-                              data_dir=data_dir, as_dataset_fn=as_dataset):
+  with tfds.testing.mock_data(
+      policy=tfds.testing.MockPolicy.USE_FILES, data_dir=data_dir, as_dataset_fn=as_dataset
+  ):
     yield
 
 
 def imagenet(process_index: int = 0, process_count: int = 1, **overrides: Any):
   config = make_config(dataset__name="imagenet2012", **overrides)
   return input_pipeline.create_dataset(
-      config, process_index=process_index, process_count=process_count)
+      config, process_index=process_index, process_count=process_count
+  )
 
 
 def test_imagenet_batches(mock_imagenet):
   dataset = imagenet()
   assert dataset.info.num_classes == 1000
   assert dataset.info.image_shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
-  assert (dataset.info.num_train_examples, dataset.info.num_eval_examples) == (
-      NUM_TRAIN, NUM_EVAL)
+  assert (dataset.info.num_train_examples, dataset.info.num_eval_examples) == (NUM_TRAIN, NUM_EVAL)
   for batch in itertools.islice(dataset.train_batches(), 5):
     check_batch(batch, (8, IMAGE_SIZE, IMAGE_SIZE, 3), 1000)
   for batch in dataset.eval_batches():
@@ -167,7 +172,7 @@ def test_imagenet_batches(mock_imagenet):
 
 def test_imagenet_processes_read_disjoint_shards(mock_imagenet):
   labels = [next(imagenet(i, 2).train_batches())["label"] for i in range(2)]
-  assert all(len(l) == 4 for l in labels)
+  assert all(len(batch_labels) == 4 for batch_labels in labels)
   assert len(set(np.concatenate(labels))) == 8
   # Contiguous shards of the split: [0, 18) and [18, 36).
   assert labels[0].max() < NUM_TRAIN // 2 <= labels[1].min()
@@ -179,20 +184,17 @@ def test_imagenet_resume_is_exact(mock_imagenet):
 
 def test_imagenet_eval_exactly_once(mock_imagenet):
   check_eval_exactly_once(imagenet, NUM_EVAL)
-  labels = np.concatenate([b["label"][b["mask"] == 1]
-                           for b in imagenet(1, 2).eval_batches()])
+  labels = np.concatenate([b["label"][b["mask"] == 1] for b in imagenet(1, 2).eval_batches()])
   np.testing.assert_array_equal(labels, np.arange(7, NUM_EVAL))
 
 
 def test_imagenet_needs_manual_download(tmp_path):
   manual_dir = tmp_path / "manual"
   with pytest.raises(config_lib.ConfigError) as error:
-    imagenet(dataset__data_dir=str(tmp_path / "data"),
-             dataset__manual_dir=str(manual_dir))
+    imagenet(dataset__data_dir=str(tmp_path / "data"), dataset__manual_dir=str(manual_dir))
   message = str(error.value)
   assert message.startswith("config.dataset.manual_dir:")
-  for expected in (str(manual_dir), "ILSVRC2012_img_train.tar",
-                   "ILSVRC2012_img_val.tar"):
+  for expected in (str(manual_dir), "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"):
     assert expected in message
 
 
@@ -201,8 +203,7 @@ def test_preprocess_train_is_a_function_of_the_seed():
   image = random_jpeg(np.random.default_rng(1), 50, 70)
 
   def train(seed: list[int]) -> np.ndarray:
-    return input_pipeline.preprocess_train(image, tf.constant(seed, tf.int64),
-                                           config).numpy()
+    return input_pipeline.preprocess_train(image, tf.constant(seed, tf.int64), config).numpy()
 
   assert train([3, 4]).shape == (24, 24, 3) and train([3, 4]).dtype == np.float32
   np.testing.assert_array_equal(train([3, 4]), train([3, 4]))
@@ -226,17 +227,18 @@ def test_preprocess_eval_center_crop():
 
 @contextlib.contextmanager
 def mock_in_memory(tmp_path, name: str, num_examples: int) -> Iterator[None]:
-  write_split_metadata(str(tmp_path), name,
-                       {"train": num_examples, "test": num_examples})
-  with tfds.testing.mock_data(num_examples=num_examples, data_dir=str(tmp_path),
-                              policy=tfds.testing.MockPolicy.USE_FILES):
+  write_split_metadata(str(tmp_path), name, {"train": num_examples, "test": num_examples})
+  with tfds.testing.mock_data(
+      num_examples=num_examples, data_dir=str(tmp_path), policy=tfds.testing.MockPolicy.USE_FILES
+  ):
     yield
 
 
 def test_cifar10(tmp_path):
   with mock_in_memory(tmp_path, "cifar10", 24):
     dataset = input_pipeline.create_dataset(
-        make_config(dataset__name="cifar10"), process_index=0, process_count=1)
+        make_config(dataset__name="cifar10"), process_index=0, process_count=1
+    )
   assert dataset.info.num_classes == 10
   assert dataset.info.image_shape == (32, 32, 3)  # Native; resized on device.
   for batch in itertools.islice(dataset.train_batches(), 4):
@@ -255,8 +257,12 @@ def test_cifar10_crop_and_flip():
   padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
   seen = set()
   for image, result in zip(padded, out):
-    windows = {(dy, dx, flip): image[dy:dy + 6, dx:dx + 5, :][:, ::-1 if flip else 1]
-               for dy in range(5) for dx in range(5) for flip in (False, True)}
+    windows = {
+        (dy, dx, flip): image[dy : dy + 6, dx : dx + 5, :][:, :: -1 if flip else 1]
+        for dy in range(5)
+        for dx in range(5)
+        for flip in (False, True)
+    }
     matches = [k for k, w in windows.items() if np.array_equal(w, result)]
     assert matches
     seen.update(matches)
@@ -264,19 +270,23 @@ def test_cifar10_crop_and_flip():
   assert len({(dy, dx) for dy, dx, _ in seen}) > 10
 
 
-@pytest.mark.parametrize("mean,std", [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-                                      ((0.5,), (0.5,))])
+@pytest.mark.parametrize(
+    "mean,std", [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5,), (0.5,))]
+)
 def test_mnist_normalisation(tmp_path, mean, std):
   with mock_in_memory(tmp_path, "mnist", 16):
     dataset = input_pipeline.create_dataset(
         make_config(dataset__name="mnist", dataset__mean=mean, dataset__std=std),
-        process_index=0, process_count=1)
+        process_index=0,
+        process_count=1,
+    )
   assert dataset.info.image_shape == (28, 28, 1)
   batch = next(dataset.train_batches())
   # The RGB default falls back to MNIST's own statistics.
   m, s = (0.1307, 0.3081) if len(mean) == 3 else (mean[0], std[0])
-  np.testing.assert_allclose([batch["image"].min(), batch["image"].max()],
-                             [(0 - m) / s, (1 - m) / s], atol=0.02)
+  np.testing.assert_allclose(
+      [batch["image"].min(), batch["image"].max()], [(0 - m) / s, (1 - m) / s], atol=0.02
+  )
 
 
 # ------------------------------------------------------------------------------
@@ -292,26 +302,26 @@ def image_root(tmp_path_factory) -> str:
   """train/ and test/ with 3 classes, one PNG, and one corrupt file per split."""
   root = tmp_path_factory.mktemp("folder")
   rng = np.random.default_rng(0)
-  for split, per_class in (("train", FOLDER_TRAIN_PER_CLASS),
-                           ("test", FOLDER_TEST_PER_CLASS)):
+  for split, per_class in (("train", FOLDER_TRAIN_PER_CLASS), ("test", FOLDER_TEST_PER_CLASS)):
     for name in FOLDER_CLASSES:
       (root / split / name).mkdir(parents=True)
       for i in range(per_class):
-        (root / split / name / f"{i}.jpg").write_bytes(
-            random_jpeg(rng, *rng.integers(24, 64, 2)))
+        (root / split / name / f"{i}.jpg").write_bytes(random_jpeg(rng, *rng.integers(24, 64, 2)))
     pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
     (root / split / "cat" / "0.jpg").unlink()
     (root / split / "cat" / "0.png").write_bytes(tf.io.encode_png(pixels).numpy())
     jpeg = random_jpeg(rng, 40, 40)
-    (root / split / "dog" / "truncated.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+    (root / split / "dog" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
   return str(root)
 
 
 def image_folder(root: str, process_index: int = 0, process_count: int = 1):
-  config = make_config(dataset__name="imagefolder", dataset__root=root,
-                       global_batch_size=4, eval_batch_size=4)
+  config = make_config(
+      dataset__name="imagefolder", dataset__root=root, global_batch_size=4, eval_batch_size=4
+  )
   return input_pipeline.create_dataset(
-      config, process_index=process_index, process_count=process_count)
+      config, process_index=process_index, process_count=process_count
+  )
 
 
 def test_image_folder_batches_skip_corrupt_files(image_root, caplog):
@@ -330,16 +340,17 @@ def test_image_folder_resume_and_process_count(image_root):
   check_resume(dataset, 3 * FOLDER_TRAIN_PER_CLASS // 4)
   # A step's global batch doesn't depend on the process count.
   whole = list(itertools.islice(dataset.train_batches(3), 2))
-  halves = [list(itertools.islice(image_folder(image_root, i, 2).train_batches(3), 2))
-            for i in range(2)]
+  halves = [
+      list(itertools.islice(image_folder(image_root, i, 2).train_batches(3), 2)) for i in range(2)
+  ]
   for step, batch in enumerate(whole):
     np.testing.assert_array_equal(
-        np.concatenate([h[step]["image"] for h in halves]), batch["image"])
+        np.concatenate([h[step]["image"] for h in halves]), batch["image"]
+    )
 
 
 def test_image_folder_eval_exactly_once(image_root):
-  check_eval_exactly_once(lambda i, n: image_folder(image_root, i, n),
-                          3 * FOLDER_TEST_PER_CLASS)
+  check_eval_exactly_once(lambda i, n: image_folder(image_root, i, n), 3 * FOLDER_TEST_PER_CLASS)
 
 
 def test_image_folder_errors(tmp_path):
@@ -354,8 +365,7 @@ def test_image_folder_errors(tmp_path):
   fails(tmp_path, os.path.join(tmp_path, "train"))  # Exists, but empty.
   (tmp_path / "train" / "cat").mkdir(parents=True)
   fails(tmp_path, os.path.join(tmp_path, "train"))  # A class, but no images.
-  (tmp_path / "train" / "cat" / "a.jpg").write_bytes(
-      random_jpeg(np.random.default_rng(0), 8, 8))
+  (tmp_path / "train" / "cat" / "a.jpg").write_bytes(random_jpeg(np.random.default_rng(0), 8, 8))
   fails(tmp_path, "test (or val)")
   (tmp_path / "val" / "cat").mkdir(parents=True)
   (tmp_path / "val" / "cat" / "a.jpg").write_bytes(b"not an image")

@@ -40,17 +40,13 @@ def _assert_taps_matches_xla(make_module, x, tol=1e-5):
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
   for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
     assert a.shape == e.shape and a.dtype == e.dtype
-    np.testing.assert_allclose(
-        np.asarray(a, np.float32), np.asarray(e, np.float32), tol, tol
-    )
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), tol, tol)
 
 
 @pytest.mark.parametrize("padding", layers.PADDINGS)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_depthwise_matches_xla(stride, padding):
-  make = functools.partial(
-      layers.DepthwiseConv, strides=stride, padding=padding
-  )
+  make = functools.partial(layers.DepthwiseConv, strides=stride, padding=padding)
   _assert_taps_matches_xla(make, _random((2, *HW, 8), seed=0))
 
 
@@ -65,8 +61,7 @@ def test_depthwise_kernel_grad_formulations_match_xla(stride, padding):
   x = _random((3, 60, 7, 4), seed=0)
   kernel = _random((3, 3, 1, 4), seed=1)
   pads = layers.spatial_padding(padding, x.shape, 3, stride)
-  out, vjp = jax.vjp(
-      lambda k: layers.xla_depthwise_conv(x, k, stride, pads), kernel)
+  out, vjp = jax.vjp(lambda k: layers.xla_depthwise_conv(x, k, stride, pads), kernel)
   g = _random(out.shape, seed=2)
   (expected,) = vjp(g)
   xp = cpu_kernels._pad_hw(x, pads)
@@ -81,9 +76,7 @@ def test_depthwise_kernel_grad_formulations_match_xla(stride, padding):
 @pytest.mark.parametrize("padding", layers.PADDINGS)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_stem_conv_matches_xla(stride, padding):
-  make = functools.partial(
-      layers.Conv, 8, kernel_size=3, strides=stride, padding=padding
-  )
+  make = functools.partial(layers.Conv, 8, kernel_size=3, strides=stride, padding=padding)
   _assert_taps_matches_xla(make, _random((2, *HW, 3), seed=0))
 
 
@@ -143,8 +136,7 @@ def _batch_norm_step(module, variables, x, cotangent):
   the params and x of <output, cotangent>."""
 
   def forward(params, x):
-    y, updates = module.apply({**variables, "params": params}, x,
-                              mutable=["batch_stats"])
+    y, updates = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
     return y, updates["batch_stats"]
 
   y, vjp, stats = jax.vjp(forward, variables["params"], x, has_aux=True)
@@ -162,9 +154,11 @@ def test_batch_norm_matches_flax(impl, dtype, tol):
   variables = jax.jit(ours.init)(jax.random.key(0), x)
   reference = jax.jit(flax_bn.init)(jax.random.key(0), x)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), variables) == jax.tree.map(
-      lambda a: (a.shape, a.dtype), reference)
+      lambda a: (a.shape, a.dtype), reference
+  )
   variables = jax.tree.map(
-      lambda v: v + _random(v.shape, seed=v.size, dtype=v.dtype) ** 2, variables)
+      lambda v: v + _random(v.shape, seed=v.size, dtype=v.dtype) ** 2, variables
+  )
   cotangent = _random(x.shape, seed=3, dtype=dtype)
   step = jax.jit(_batch_norm_step, static_argnums=0)
   actual = step(ours, variables, x, cotangent)
@@ -172,12 +166,12 @@ def test_batch_norm_matches_flax(impl, dtype, tol):
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
   for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
     assert a.shape == e.shape and a.dtype == e.dtype
-    np.testing.assert_allclose(np.asarray(a, np.float32),
-                               np.asarray(e, np.float32), tol, tol)
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), tol, tol)
   eval_ours = ours.clone(use_running_average=True).apply(variables, x)
   eval_flax = flax_bn.clone(use_running_average=True).apply(variables, x)
-  np.testing.assert_allclose(np.asarray(eval_ours, np.float32),
-                             np.asarray(eval_flax, np.float32), tol, tol)
+  np.testing.assert_allclose(
+      np.asarray(eval_ours, np.float32), np.asarray(eval_flax, np.float32), tol, tol
+  )
 
 
 def test_batch_norm_scale_init():
@@ -185,8 +179,7 @@ def test_batch_norm_scale_init():
   # the default stays flax's ones.
   x = jnp.zeros((2, 4, 4, 8))
   default = layers.BatchNorm().init(jax.random.key(0), x)["params"]
-  zeros = layers.BatchNorm(scale_init=nn.initializers.zeros).init(
-      jax.random.key(0), x)["params"]
+  zeros = layers.BatchNorm(scale_init=nn.initializers.zeros).init(jax.random.key(0), x)["params"]
   np.testing.assert_array_equal(default["scale"], np.ones(8, np.float32))
   np.testing.assert_array_equal(zeros["scale"], np.zeros(8, np.float32))
   assert zeros["scale"].dtype == jnp.float32
@@ -197,14 +190,12 @@ def test_fused_batch_norm_gradient_of_statistics():
   # still be right when someone differentiates the batch statistics.
   x = 1.0 + _random((2, *HW, 8), seed=0)
   scale, bias = _random((8,), seed=1), _random((8,), seed=2)
-  cotangents = tuple(_random(shape, seed=3 + i)
-                     for i, shape in enumerate([x.shape, (8,), (8,)]))
+  cotangents = tuple(_random(shape, seed=3 + i) for i, shape in enumerate([x.shape, (8,), (8,)]))
 
   def vjp(fn):
     return jax.vjp(lambda *a: fn(*a, 1e-3), x, scale, bias)[1](cotangents)
 
-  for a, e in zip(vjp(cpu_kernels.fused_batch_norm),
-                  vjp(cpu_kernels.batch_norm)):
+  for a, e in zip(vjp(cpu_kernels.fused_batch_norm), vjp(cpu_kernels.batch_norm)):
     np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
 
 
@@ -212,8 +203,7 @@ def test_fused_batch_norm_gradient_of_statistics():
     "kernel_size, stride, in_channels, out_channels",
     [(1, 1, 8, 48), (1, 1, 48, 8), (3, 2, 3, 32)],
 )
-def test_conv_batch_norm_matches_two_steps(kernel_size, stride, in_channels,
-                                           out_channels):
+def test_conv_batch_norm_matches_two_steps(kernel_size, stride, in_channels, out_channels):
   # Expansion (8 -> 48) and the stem (27 patch channels -> 32) take the
   # fused path on "taps"; projection (48 -> 8) and "xla" run conv, then
   # BatchNorm. All must agree: outputs, running statistics and gradients
@@ -225,15 +215,19 @@ def test_conv_batch_norm_matches_two_steps(kernel_size, stride, in_channels,
   def conv_norm(impl, conv_params, norm_variables, x):
     bound = conv.clone(impl=impl).bind(conv_params)
     out, updates = norm.clone(impl=impl).apply(
-        norm_variables, bound(x), matmul_input=bound.matmul_input(x),
-        matmul_kernel=conv_params["params"]["kernel"], mutable=["batch_stats"])
+        norm_variables,
+        bound(x),
+        matmul_input=bound.matmul_input(x),
+        matmul_kernel=conv_params["params"]["kernel"],
+        mutable=["batch_stats"],
+    )
     return out, updates["batch_stats"]
 
-  conv_params = jax.tree.map(lambda p: _random(p.shape, seed=1),
-                             conv.init(jax.random.key(0), x))
+  conv_params = jax.tree.map(lambda p: _random(p.shape, seed=1), conv.init(jax.random.key(0), x))
   norm_variables = norm.init(jax.random.key(0), conv.apply(conv_params, x))
   norm_variables["params"] = jax.tree.map(
-      lambda p: 1.0 + _random(p.shape, seed=p.size), norm_variables["params"])
+      lambda p: 1.0 + _random(p.shape, seed=p.size), norm_variables["params"]
+  )
   cotangent = _random(conv.apply(conv_params, x).shape, seed=3)
   outputs = {}
   for impl in ("xla", "taps"):

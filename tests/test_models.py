@@ -17,7 +17,8 @@ def count(tree) -> int:
 
 def abstract_variables(model, shape):
   return jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False)
+  )
 
 
 def test_reference_sizes_at_width_1_224():
@@ -38,8 +39,7 @@ def test_width_multiplier_rounds_to_multiples_of_8(width, channels):
   assert params["stem"]["kernel"].shape == (3, 3, 3, stem)
   assert params["block0"]["project"]["kernel"].shape[-1] == first_block
   assert params["head"]["kernel"].shape[-1] == head
-  assert all(leaf.shape[-1] % 8 == 0 for leaf in jax.tree.leaves(params)
-             if leaf.ndim == 4)
+  assert all(leaf.shape[-1] % 8 == 0 for leaf in jax.tree.leaves(params) if leaf.ndim == 4)
 
 
 def test_block_structure_follows_table_2():
@@ -53,20 +53,35 @@ def test_block_structure_follows_table_2():
 
 
 def test_expansion_changes_the_graph():
-  params = abstract_variables(models.MobileNetV2(num_classes=10, expansion=4),
-                              (32, 32, 3))["params"]
+  params = abstract_variables(models.MobileNetV2(num_classes=10, expansion=4), (32, 32, 3))[
+      "params"
+  ]
   assert params["block1"]["expand"]["kernel"].shape == (1, 1, 16, 64)
   assert "expand" not in params["block0"]  # The t = 1 block stays t = 1.
 
 
-def make_block(stride, in_channels, out_channels, *, bottleneck="linear",
-               residual="bottleneck", use_running_average=True, **kwargs):
+def make_block(
+    stride,
+    in_channels,
+    out_channels,
+    *,
+    bottleneck="linear",
+    residual="bottleneck",
+    use_running_average=True,
+    **kwargs,
+):
   """An InvertedResidual with flax's BatchNorm, and its variables on an input."""
   block = models.InvertedResidual(
-      out_channels=out_channels, stride=stride, expansion=6,
-      conv=layers.Conv, depthwise_conv=layers.DepthwiseConv,
+      out_channels=out_channels,
+      stride=stride,
+      expansion=6,
+      conv=layers.Conv,
+      depthwise_conv=layers.DepthwiseConv,
       norm=functools.partial(nn.BatchNorm, use_running_average=use_running_average),
-      bottleneck=bottleneck, residual=residual, **kwargs)
+      bottleneck=bottleneck,
+      residual=residual,
+      **kwargs,
+  )
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, in_channels))
   return block, block.init(jax.random.PRNGKey(0), x), x
 
@@ -125,21 +140,56 @@ def test_residual_variants_and_zero_init_keep_the_parameter_tree(residual):
 
 def test_zero_init_residual_starts_each_residual_branch_as_the_identity():
   for residual, branch_end in (("bottleneck", "project_bn"), ("expansion", "expand_bn")):
-    model = models.MobileNetV2(num_classes=10, width_multiplier=0.35, stem_stride=1,
-                               residual=residual, zero_init_residual=True)
+    model = models.MobileNetV2(
+        num_classes=10,
+        width_multiplier=0.35,
+        stem_stride=1,
+        residual=residual,
+        zero_init_residual=True,
+    )
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
-    zeroed = {name for name, block in params.items()
-              if branch_end in block and not np.any(block[branch_end]["scale"])}
+    zeroed = {
+        name
+        for name, block in params.items()
+        if branch_end in block and not np.any(block[branch_end]["scale"])
+    }
     # The 10 blocks with stride 1 and equal widths (bottleneck shortcut), or
     # the 10 blocks that receive their predecessor's expansion.
-    expected = ({"block2", "block4", "block5", "block7", "block8", "block9",
-                 "block11", "block12", "block14", "block15"} if residual == "bottleneck"
-                else {"block3", "block5", "block6", "block8", "block9", "block10",
-                      "block12", "block13", "block15", "block16"})
+    expected = (
+        {
+            "block2",
+            "block4",
+            "block5",
+            "block7",
+            "block8",
+            "block9",
+            "block11",
+            "block12",
+            "block14",
+            "block15",
+        }
+        if residual == "bottleneck"
+        else {
+            "block3",
+            "block5",
+            "block6",
+            "block8",
+            "block9",
+            "block10",
+            "block12",
+            "block13",
+            "block15",
+            "block16",
+        }
+    )
     assert zeroed == expected
-    others = [leaf for name, block in params.items() for key, bn in block.items()
-              if key.endswith("_bn") and not (name in expected and key == branch_end)
-              for leaf in (bn["scale"],)]
+    others = [
+        leaf
+        for name, block in params.items()
+        for key, bn in block.items()
+        if key.endswith("_bn") and not (name in expected and key == branch_end)
+        for leaf in (bn["scale"],)
+    ]
     assert all(np.all(leaf == 1.0) for leaf in others)
 
 
@@ -147,14 +197,12 @@ def test_bottleneck_relu6_clips_the_projection():
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 16))
   outputs = {}
   for bottleneck in models.BOTTLENECKS:
-    block, variables, _ = make_block(1, 16, 24, bottleneck=bottleneck,
-                                     use_running_average=False)
+    block, variables, _ = make_block(1, 16, 24, bottleneck=bottleneck, use_running_average=False)
     (outputs[bottleneck], _), _ = block.apply(variables, x, mutable=["batch_stats"])
   assert float(outputs["linear"].min()) < -0.5  # BN output: ~N(0, 1).
   assert float(outputs["relu6"].min()) >= 0.0
   assert float(outputs["relu6"].max()) <= 6.0
-  np.testing.assert_allclose(outputs["relu6"], jnp.clip(outputs["linear"], 0, 6),
-                             atol=1e-6)
+  np.testing.assert_allclose(outputs["relu6"], jnp.clip(outputs["linear"], 0, 6), atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -166,13 +214,15 @@ def small_model():
 
 def test_train_mode_updates_batch_stats_and_uses_dropout(small_model):
   model, variables, x = small_model
-  logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"],
-                                rngs={"dropout": jax.random.PRNGKey(2)})
+  logits, updates = model.apply(
+      variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(2)}
+  )
   assert logits.shape == (4, 5)
   old = variables["batch_stats"]["stem_bn"]["mean"]
   assert not np.allclose(updates["batch_stats"]["stem_bn"]["mean"], old)
-  other, _ = model.apply(variables, x, train=True, mutable=["batch_stats"],
-                         rngs={"dropout": jax.random.PRNGKey(3)})
+  other, _ = model.apply(
+      variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(3)}
+  )
   assert not np.allclose(logits, other)  # Dropout depends on the rng.
   eval_a = model.apply(variables, x, train=False)
   eval_b = model.apply(variables, x, train=False)
@@ -186,8 +236,7 @@ def test_bfloat16_compute_keeps_float32_params(small_model):
   assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("float32")}
   logits = bf16.apply(variables, x, train=False)
   assert logits.dtype == jnp.float32
-  np.testing.assert_allclose(logits, model.apply(variables, x, train=False),
-                             atol=0.1, rtol=0.1)
+  np.testing.assert_allclose(logits, model.apply(variables, x, train=False), atol=0.1, rtol=0.1)
 
 
 def test_remat_recomputes_the_same_step(small_model):
@@ -198,10 +247,15 @@ def test_remat_recomputes_the_same_step(small_model):
 
   def loss_and_grads(m):
     def loss(params):
-      logits, updates = m.apply({**variables, "params": params}, x, train=True,
-                                mutable=["batch_stats"],
-                                rngs={"dropout": jax.random.PRNGKey(2)})
+      logits, updates = m.apply(
+          {**variables, "params": params},
+          x,
+          train=True,
+          mutable=["batch_stats"],
+          rngs={"dropout": jax.random.PRNGKey(2)},
+      )
       return jnp.sum(logits**2), updates
+
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
 
   plain, remat = loss_and_grads(model), loss_and_grads(model.clone(remat=True))
@@ -218,11 +272,17 @@ def test_input_size_and_padding_give_expected_feature_sizes(padding):
   model = models.MobileNetV2(num_classes=3, width_multiplier=0.35, padding=padding)
   for size in (32, 33, 65):  # Odd sizes exercise tf_same's asymmetric padding.
     logits = jax.eval_shape(
-        lambda: model.init_with_output(jax.random.PRNGKey(0),
-                                       jnp.zeros((2, size, size, 3)))[0])
+        lambda x: model.init_with_output(jax.random.PRNGKey(0), x)[0],
+        jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32),
+    )
     assert logits.shape == (2, 3)
 
 
 def test_make_divisible_matches_reference_rule():
-  assert [models.make_divisible(v) for v in (32 * 0.35, 16 * 0.35, 1280, 24 * 0.75, 4)] \
-      == [16, 8, 1280, 24, 8]
+  assert [models.make_divisible(v) for v in (32 * 0.35, 16 * 0.35, 1280, 24 * 0.75, 4)] == [
+      16,
+      8,
+      1280,
+      24,
+      8,
+  ]

@@ -27,21 +27,35 @@ TIMEOUT_S = 600
 # when its parameters move 1e-7 (relative), so summation-order differences
 # between any two device layouts (1 vs 4 devices in one process as well) grow
 # to percent level by step 4.
-TRAIN_FLAGS = [f"--config={SMOKE_CONFIG}", "--config.num_train_steps=4",
-               "--config.checkpoint_every_steps=2", "--config.log_every_steps=2",
-               "--config.optimizer.warmup_epochs=0.5"]
+TRAIN_FLAGS = [
+    f"--config={SMOKE_CONFIG}",
+    "--config.num_train_steps=4",
+    "--config.checkpoint_every_steps=2",
+    "--config.log_every_steps=2",
+    "--config.optimizer.warmup_epochs=0.5",
+]
 COMPARED_STEP = 2
 
 
 def launch_two_processes(workdir: str, log: str) -> subprocess.Popen:
   """`launch.local` with 2 processes x 2 CPU devices, in the background."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  command = [sys.executable, "-m", "launch.local", "--num_processes=2",
-             "--devices_per_process=2", "--", *TRAIN_FLAGS, f"--workdir={workdir}"]
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  command = [
+      sys.executable,
+      "-m",
+      "launch.local",
+      "--num_processes=2",
+      "--devices_per_process=2",
+      "--",
+      *TRAIN_FLAGS,
+      f"--workdir={workdir}",
+  ]
   with open(log, "w") as f:
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=f,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
 def wait(proc: subprocess.Popen, log: str, timeout: float) -> None:
@@ -64,8 +78,7 @@ def restore(workdir: str, step: int) -> dict:
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(path).item_metadata.tree
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
   return checkpointer.restore(path, target)
 
 
@@ -98,8 +111,11 @@ def test_two_processes_train_like_one(runs):
   for collection in ("params", "batch_stats"):
     jax.tree_util.tree_map_with_path(
         lambda path, x, y: np.testing.assert_allclose(
-            x, y, rtol=1e-4, atol=5e-5, err_msg=jax.tree_util.keystr(path)),
-        a[collection], b[collection])
+            x, y, rtol=1e-4, atol=5e-5, err_msg=jax.tree_util.keystr(path)
+        ),
+        a[collection],
+        b[collection],
+    )
 
 
 def test_every_checkpoint_written(runs):
@@ -115,8 +131,15 @@ def test_eval_sees_every_example_once(runs, tmp_path):
   multi, _ = runs
   results = read_results(multi)
   assert results["num_examples"] == 360
-  run_main([f"--config={SMOKE_CONFIG}", f"--workdir={tmp_path}", "--mode=eval",
-            f"--config.checkpoint_path={multi}/checkpoints"], devices=4)
+  run_main(
+      [
+          f"--config={SMOKE_CONFIG}",
+          f"--workdir={tmp_path}",
+          "--mode=eval",
+          f"--config.checkpoint_path={multi}/checkpoints",
+      ],
+      devices=4,
+  )
   evaluated = read_results(str(tmp_path))
   assert evaluated["step"] == 4
   assert evaluated["top1"] == results["top1"]

@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from conftest import CACHE_DIR, REPO
 from launch import report, sweep, sweep_lib
+
+from conftest import CACHE_DIR, REPO
 
 # Two points: one trains; one fails at run time (no checkpoint to start from),
 # after passing the checks made before anything runs.
@@ -25,10 +26,12 @@ def get_sweep():
   return [{"model.bottleneck": "linear"}, {"checkpoint_path": "no_such_checkpoint"}]
 '''
 GOOD, BAD = "bottleneck=linear", "checkpoint_path=no_such_checkpoint"
-RUN_FLAGS = ["--", "--config.num_train_steps=2",
-             f"--config.compilation_cache_dir={CACHE_DIR}"]
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-           PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+RUN_FLAGS = ["--", "--config.num_train_steps=2", f"--config.compilation_cache_dir={CACHE_DIR}"]
+ENV = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+)
 
 
 def launcher(*args):
@@ -36,8 +39,9 @@ def launcher(*args):
 
 
 def run_launcher(*args, timeout=300):
-  return subprocess.run(launcher(*args), cwd=REPO, env=ENV, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+      launcher(*args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout
+  )
 
 
 def log_text(directory):
@@ -50,8 +54,7 @@ def log_text(directory):
 
 def attempts(directory):
   """How often the launcher started the run: its log's attempt lines."""
-  return sum(line.startswith(sweep_lib.ATTEMPT_MARK)
-             for line in log_text(directory).splitlines())
+  return sum(line.startswith(sweep_lib.ATTEMPT_MARK) for line in log_text(directory).splitlines())
 
 
 def ended(directory):
@@ -72,8 +75,9 @@ def test_killed_sweep_resumes_on_slurm_without_rerunning_and_reports_failures(tm
   sweep_file.write_text(SWEEP)
   args = [f"--sweep={sweep_file}", f"--workdir={workdir}", *RUN_FLAGS]
   good, bad = workdir / GOOD / "seed=0", workdir / BAD / "seed=0"
-  proc = subprocess.Popen(launcher(*args), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      launcher(*args), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   try:
     # Killed once the first run ended: the second has just started (or not yet).
     wait_for(lambda: ended(good), timeout=300)
@@ -88,9 +92,15 @@ def test_killed_sweep_resumes_on_slurm_without_rerunning_and_reports_failures(tm
 
   # Resumed through the SLURM backend (submitit's local executor): it submits
   # the unfinished run only, which fails.
-  rerun = run_launcher(*args[:2], "--backend=slurm", "--slurm_cluster=local",
-                       "--slurm_array_limit=1", "--slurm_partition=ignored_here",
-                       "--slurm_time=10", *args[2:])
+  rerun = run_launcher(
+      *args[:2],
+      "--backend=slurm",
+      "--slurm_cluster=local",
+      "--slurm_array_limit=1",
+      "--slurm_partition=ignored_here",
+      "--slurm_time=10",
+      *args[2:],
+  )
   assert rerun.returncode == sweep.EXIT_FAILED_BASE + 1, rerun.stderr
   lines = rerun.stdout.splitlines()
   assert lines[-1] == f"1 of 2 runs failed: {BAD}/seed=0"
@@ -128,23 +138,32 @@ def test_killed_sweep_resumes_on_slurm_without_rerunning_and_reports_failures(tm
   assert changed.stderr == (
       f"error: {workdir} holds another sweep (points added: bottleneck=relu6; points "
       "removed: bottleneck=linear): use a new --workdir, or the sweep file and flags "
-      "it was started with\n")
+      "it was started with\n"
+  )
 
 
 def fake_run(tmp_path, name, code):
   """A stand-in run: Python code (`{directory}`: its directory), not the trainer."""
   directory = str(tmp_path / name / "seed=0")
   os.makedirs(directory)
-  return sweep_lib.Run(name, 0, directory,
-                       (sys.executable, "-c", code.replace("{directory}", directory)))
+  return sweep_lib.Run(
+      name, 0, directory, (sys.executable, "-c", code.replace("{directory}", directory))
+  )
 
 
 def test_run_local_retries_pins_cores_and_goes_on_after_a_failure(tmp_path):
   broken = fake_run(tmp_path, "broken", "import sys; print('boom'); sys.exit(3)")
-  fine = [fake_run(tmp_path, f"fine{i}", (
-      "import json, os; print(sorted(os.sched_getaffinity(0))); "
-      "json.dump({'top1': 0.5}, open('{directory}/results.json', 'w'))"))
-          for i in range(3)]
+  fine = [
+      fake_run(
+          tmp_path,
+          f"fine{i}",
+          (
+              "import json, os; print(sorted(os.sched_getaffinity(0))); "
+              "json.dump({'top1': 0.5}, open('{directory}/results.json', 'w'))"
+          ),
+      )
+      for i in range(3)
+  ]
   cores = sorted(os.sched_getaffinity(0))[:2]
   sweep.run_local([broken, *fine], [sweep.Slot({}, (c,)) for c in cores], retries=1)
   assert attempts(broken.directory) == 2
@@ -163,10 +182,15 @@ def test_run_local_retries_pins_cores_and_goes_on_after_a_failure(tmp_path):
 def test_slurm_task_retries_finishes_and_requeues(tmp_path):
   """A SLURM job's task: retried in place; on preemption (submitit calls
   `checkpoint` while it runs) the trainer checkpoints and a task is requeued."""
-  flaky = fake_run(tmp_path, "flaky", (
-      "import json, os, sys; first = not os.path.exists('{directory}/once'); "
-      "open('{directory}/once', 'w'); "
-      "sys.exit(1) if first else json.dump({}, open('{directory}/results.json', 'w'))"))
+  flaky = fake_run(
+      tmp_path,
+      "flaky",
+      (
+          "import json, os, sys; first = not os.path.exists('{directory}/once'); "
+          "open('{directory}/once', 'w'); "
+          "sys.exit(1) if first else json.dump({}, open('{directory}/results.json', 'w'))"
+      ),
+  )
   assert sweep_lib.SlurmTask(flaky, retries=1)() == sweep_lib.DONE
   assert attempts(flaky.directory) == 2
   broken = fake_run(tmp_path, "broken", "raise SystemExit(5)")
@@ -174,10 +198,15 @@ def test_slurm_task_retries_finishes_and_requeues(tmp_path):
     sweep_lib.SlurmTask(broken, retries=0)()
   assert sweep_lib.run_state(broken.directory) == sweep_lib.FAILED
 
-  long = fake_run(tmp_path, "long", (
-      "import signal, sys, time; "
-      "signal.signal(signal.SIGTERM, lambda *_: sys.exit(print('saved') or 0)); "
-      "print('training', flush=True); time.sleep(60)"))
+  long = fake_run(
+      tmp_path,
+      "long",
+      (
+          "import signal, sys, time; "
+          "signal.signal(signal.SIGTERM, lambda *_: sys.exit(print('saved') or 0)); "
+          "print('training', flush=True); time.sleep(60)"
+      ),
+  )
   task = sweep_lib.SlurmTask(long, retries=2)
   outcome = []
   thread = threading.Thread(target=lambda: outcome.append(task()))
@@ -194,20 +223,26 @@ def test_slurm_task_retries_finishes_and_requeues(tmp_path):
 
 def test_status_table_and_half_written_results(tmp_path):
   names = ["done", "running", "failed", "half_written", "queued_elsewhere"]
-  sweep_lib.write_json(str(tmp_path / "sweep.json"), {
-      "points": [{"name": n, "overrides": {}} for n in names], "seeds": [0]})
+  sweep_lib.write_json(
+      str(tmp_path / "sweep.json"),
+      {"points": [{"name": n, "overrides": {}} for n in names], "seeds": [0]},
+  )
   directories = {n: tmp_path / n / "seed=0" for n in names}
   for directory in directories.values():
     directory.mkdir(parents=True)
   (directories["done"] / "results.json").write_text(
-      json.dumps({"top1": 0.75, "step": 8, "wall_clock_s": 3.0}))
-  sweep_lib.write_json(str(directories["failed"] / "FAILED"), {
-      "exit_code": 1, "attempts": 1,
-      "log_tail": ["ValueError: bad", "<== exit status 1"]})
+      json.dumps({"top1": 0.75, "step": 8, "wall_clock_s": 3.0})
+  )
+  sweep_lib.write_json(
+      str(directories["failed"] / "FAILED"),
+      {"exit_code": 1, "attempts": 1, "log_tail": ["ValueError: bad", "<== exit status 1"]},
+  )
   (directories["half_written"] / "results.json.tmp").write_text('{"top1": 0.')
   (directories["half_written"] / "checkpoints" / "4").mkdir(parents=True)
-  sweep_lib.write_json(str(directories["queued_elsewhere"] / "job.json"), {
-      "cluster": "local", "job_id": "123", "folder": str(tmp_path)})
+  sweep_lib.write_json(
+      str(directories["queued_elsewhere"] / "job.json"),
+      {"cluster": "local", "job_id": "123", "folder": str(tmp_path)},
+  )
   lock = sweep_lib.acquire_lock(str(directories["running"]))
   try:
     proc = run_launcher(f"--workdir={tmp_path}", "--status")
@@ -232,30 +267,58 @@ def test_dry_run_prints_the_runs_to_start(tmp_path):
   (workdir / GOOD / "seed=1" / "results.json").write_text("{}")
   (workdir / BAD / "seed=1").mkdir(parents=True)
   (workdir / BAD / "seed=1" / "results.json.tmp").write_text("{")  # Not finished.
-  proc = run_launcher(f"--sweep={sweep_file}", f"--workdir={workdir}", "--seeds=1,0",
-                      "--dry_run", *RUN_FLAGS)
+  proc = run_launcher(
+      f"--sweep={sweep_file}", f"--workdir={workdir}", "--seeds=1,0", "--dry_run", *RUN_FLAGS
+  )
   assert proc.returncode == 0, proc.stderr
   commands = proc.stdout.splitlines()
-  assert commands[-1] == ("# 3 of 4 runs to start; the others are finished, running "
-                          "or queued")
+  assert commands[-1] == ("# 3 of 4 runs to start; the others are finished, running or queued")
   assert shlex.split(commands[0]) == [
-      sys.executable, "-m", "mnv2_flax.main", f"--config={REPO}/configs/smoke.py",
-      *RUN_FLAGS[1:], f"--workdir={workdir}/{BAD}/seed=1",
-      "--config.checkpoint_path=no_such_checkpoint", "--config.seed=1"]
+      sys.executable,
+      "-m",
+      "mnv2_flax.main",
+      f"--config={REPO}/configs/smoke.py",
+      *RUN_FLAGS[1:],
+      f"--workdir={workdir}/{BAD}/seed=1",
+      "--config.checkpoint_path=no_such_checkpoint",
+      "--config.seed=1",
+  ]
   assert [shlex.split(c)[-1] for c in commands[1:3]] == ["--config.seed=0"] * 2
   assert not (workdir / "sweep.json").exists()  # Nothing ran, nothing recorded.
+  # --points starts only the named points.
+  proc = run_launcher(
+      f"--sweep={sweep_file}",
+      f"--workdir={workdir}",
+      "--seeds=1,0",
+      f"--points={GOOD}",
+      "--dry_run",
+      *RUN_FLAGS,
+  )
+  assert proc.returncode == 0, proc.stderr
+  commands = proc.stdout.splitlines()
+  assert commands[-1] == "# 1 of 2 runs to start; the others are finished, running or queued"
+  assert f"--workdir={workdir}/{GOOD}/seed=0" in shlex.split(commands[0])
+  proc = run_launcher(
+      f"--sweep={sweep_file}", f"--workdir={workdir}", "--points=nope", "--dry_run", *RUN_FLAGS
+  )
+  assert proc.returncode == 2 and proc.stderr.startswith("error: --points: nope not in the sweep")
 
 
-@pytest.mark.parametrize("source, message", [
-    (None, "no such file"),
-    ("X = 1", "defines no get_sweep()"),
-    ("def get_sweep():\n  return {'a': 1}", "must return a non-empty list"),
-    ("def get_sweep():\n  return [1, 2]", "must return a non-empty list"),
-    ("def get_sweep():\n  return [{'model.expansion': 2}, {'model.expansion': 2}]",
-     "several points are named expansion=2"),
-    ("def get_sweep():\n  raise ValueError('oops')", "ValueError: oops"),
-    ("BASE = 3\ndef get_sweep():\n  return [{}]", "BASE must be a dict"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (None, "no such file"),
+        ("X = 1", "defines no get_sweep()"),
+        ("def get_sweep():\n  return {'a': 1}", "must return a non-empty list"),
+        ("def get_sweep():\n  return [1, 2]", "must return a non-empty list"),
+        (
+            "def get_sweep():\n  return [{'model.expansion': 2}, {'model.expansion': 2}]",
+            "several points are named expansion=2",
+        ),
+        ("def get_sweep():\n  raise ValueError('oops')", "ValueError: oops"),
+        ("BASE = 3\ndef get_sweep():\n  return [{}]", "BASE must be a dict"),
+    ],
+)
 def test_bad_sweep_files(tmp_path, source, message):
   path = tmp_path / "bad.py"
   if source is not None:
@@ -266,26 +329,44 @@ def test_bad_sweep_files(tmp_path, source, message):
 
 def test_point_names_and_helpers():
   assert sweep_lib.product({"a": (1, 2), "b": "xy"}) == [
-      {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
-  assert sweep_lib.point_name({"model.expansion": 6, "model.bottleneck": "linear"},
-                              {"model.expansion": "t"}) == "t=6,bottleneck=linear"
+      {"a": 1, "b": "x"},
+      {"a": 1, "b": "y"},
+      {"a": 2, "b": "x"},
+      {"a": 2, "b": "y"},
+  ]
+  assert (
+      sweep_lib.point_name(
+          {"model.expansion": 6, "model.bottleneck": "linear"}, {"model.expansion": "t"}
+      )
+      == "t=6,bottleneck=linear"
+  )
   assert sweep_lib.point_name({"model.stage_strides": (1, 2), "x": "a/b"}, {}) == (
-      "stage_strides=_1,2_,x=a_b")
+      "stage_strides=_1,2_,x=a_b"
+  )
   assert sweep_lib.point_name({}, {}) == "base"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"model.expanson": 2}, "point expanson=2: unknown config key 'model.expanson' "
-                            "(did you mean 'model.expansion'?)"),
-    ({"model.expansion": 0}, "point expansion=0: config.model.expansion: must be an "
-                             "int >= 1, got 0"),
-    ({"model.expansion": "six"}, "point expansion=six: flag --config.model.expansion="
-                                 "six: invalid literal for int()"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"model.expanson": 2},
+            "point expanson=2: unknown config key 'model.expanson' "
+            "(did you mean 'model.expansion'?)",
+        ),
+        (
+            {"model.expansion": 0},
+            "point expansion=0: config.model.expansion: must be an int >= 1, got 0",
+        ),
+        (
+            {"model.expansion": "six"},
+            "point expansion=six: flag --config.model.expansion=six: invalid literal for int()",
+        ),
+    ],
+)
 def test_points_are_checked_as_the_trainer_builds_them(tmp_path, overrides, message):
   path = tmp_path / "sweep.py"
-  path.write_text(f"CONFIG = 'configs/smoke.py'\n"
-                  f"def get_sweep():\n  return [{overrides!r}]")
+  path.write_text(f"CONFIG = 'configs/smoke.py'\ndef get_sweep():\n  return [{overrides!r}]")
   with pytest.raises(sweep_lib.UsageError) as error:
     sweep.validate_points(sweep_lib.load_sweep_file(str(path)), [], seed=0)
   assert str(error.value).startswith(message)
@@ -296,12 +377,16 @@ def test_usage_errors_are_one_line_and_run_nothing(tmp_path):
   sweep_file.write_text(SWEEP.replace("model.bottleneck", "model.bottlenek"))
   proc = run_launcher(f"--sweep={sweep_file}", f"--workdir={workdir}", *RUN_FLAGS)
   assert proc.returncode == 2
-  assert proc.stderr == ("error: point bottlenek=linear: unknown config key "
-                         "'model.bottlenek' (did you mean 'model.bottleneck'?)\n")
+  assert proc.stderr == (
+      "error: point bottlenek=linear: unknown config key "
+      "'model.bottlenek' (did you mean 'model.bottleneck'?)\n"
+  )
   assert not workdir.exists()
   proc = run_launcher(f"--sweep={tmp_path / 'nope.py'}", f"--workdir={workdir}")
-  assert (proc.returncode, proc.stderr) == (2, f"error: --sweep={tmp_path}/nope.py: "
-                                               "no such file\n")
+  assert (proc.returncode, proc.stderr) == (
+      2,
+      f"error: --sweep={tmp_path}/nope.py: no such file\n",
+  )
 
 
 def test_extra_flags_and_changes_are_checked(tmp_path):
@@ -313,7 +398,8 @@ def test_extra_flags_and_changes_are_checked(tmp_path):
       (["--config.seed=3"], "set seeds with --seeds"),
       (["--config.model.bottleneck=relu6"], "set by the sweep's points"),
       (["--config=configs/cifar10.py"], "the sweep file sets CONFIG"),
-      (["--config.num_epochs", "3"], "with '='")):
+      (["--config.num_epochs", "3"], "with '='"),
+  ):
     with pytest.raises(sweep_lib.UsageError, match=message):
       sweep.check_extra_flags(extra, loaded)
   workdir = str(tmp_path / "w")
@@ -324,8 +410,10 @@ def test_extra_flags_and_changes_are_checked(tmp_path):
   assert resumed["seeds"] == [0, 1, 2] and len(resumed["launches"]) == 2  # Seeds added.
   with pytest.raises(sweep_lib.UsageError, match=r"--seeds drops seeds \[1\]"):
     sweep.make_manifest(loaded, [0], ["--config.num_epochs=3"], workdir)
-  with pytest.raises(sweep_lib.UsageError, match="flags after -- '--config.num_epochs=3' "
-                                                 "-> '--config.num_epochs=4'"):
+  with pytest.raises(
+      sweep_lib.UsageError,
+      match="flags after -- '--config.num_epochs=3' -> '--config.num_epochs=4'",
+  ):
     sweep.make_manifest(loaded, [0, 1], ["--config.num_epochs=4"], workdir)
 
 
@@ -333,7 +421,9 @@ def test_slots():
   cores = sorted(os.sched_getaffinity(0))
   assert sweep.make_slots(None, []) == [sweep.Slot({}, None)]
   assert [s.env for s in sweep.make_slots(None, ["0", "1+2"])] == [
-      {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1,2"}]
+      {"CUDA_VISIBLE_DEVICES": "0"},
+      {"CUDA_VISIBLE_DEVICES": "1,2"},
+  ]
   if len(cores) >= 2:
     halves = sweep.make_slots(2, [])
     assert sorted(c for s in halves for c in s.cpus) == cores

@@ -12,6 +12,7 @@ Expected (the paper, on ImageNet): the shortcut between bottlenecks above both
 the shortcut between expansion layers and no shortcut (Figure 6b).
 """
 
-from shortcut import NAMES, get_sweep  # pylint: disable=unused-import
+# The digits sweep's points, without its BASE (the digits task settings).
+from shortcut import NAMES, get_sweep  # noqa: F401
 
 CONFIG = "configs/cifar10.py"

@@ -16,6 +16,7 @@ to 10 nearly identical (section 4: "nearly identical performance curves"),
 smaller t lower; t = 6 with a linear bottleneck near the paper's 72.0 % top-1.
 """
 
-from expansion import NAMES, get_sweep  # pylint: disable=unused-import
+# The digits sweep's points, without its BASE (the digits task settings).
+from expansion import NAMES, get_sweep  # noqa: F401
 
 CONFIG = "configs/imagenet.py"

@@ -13,6 +13,7 @@ Expected: the shortcut between bottlenecks (72.0 % top-1 in the paper) above
 both the shortcut between expansion layers and no shortcut (Figure 6b).
 """
 
-from shortcut import NAMES, get_sweep  # pylint: disable=unused-import
+# The digits sweep's points, without its BASE (the digits task settings).
+from shortcut import NAMES, get_sweep  # noqa: F401
 
 CONFIG = "configs/imagenet.py"

@@ -14,11 +14,13 @@ differences.
 """
 
 # The digits ablation's settings and point names, kept in expansion.py.
-from expansion import BASE, NAMES  # pylint: disable=unused-import
+from expansion import BASE, NAMES  # noqa: F401
 
 CONFIG = "configs/digits.py"
 
 
 def get_sweep():
-  return [{"model.expansion": 6, "model.residual": residual}
-          for residual in ("bottleneck", "expansion", "none")]
+  return [
+      {"model.expansion": 6, "model.residual": residual}
+      for residual in ("bottleneck", "expansion", "none")
+  ]
