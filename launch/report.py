@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -258,10 +256,11 @@ def plot_top1(runs: pd.DataFrame, keys: Sequence[str], path: str) -> None:
 
 
 def read_scalars(directory: str, tags: Sequence[str]) -> dict[str, dict[int, float]]:
-  """{tag: {step: value}} from a run's event files (clu writes tensors)."""
-  # tensorboard reads event files with its own TensorFlow stub when this marker
-  # module exists; importing the real TensorFlow would take seconds.
-  sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+  """{tag: {step: value}} from a run's event files (clu writes tensors).
+
+  tensorboard reads them with the installed TensorFlow, or with its own stub
+  where there is none (as on the GPU images).
+  """
   # pylint: disable=g-import-not-at-top
   from tensorboard.backend.event_processing import event_accumulator
   from tensorboard.util import tb_logging, tensor_util

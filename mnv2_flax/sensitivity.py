@@ -32,12 +32,6 @@ from ml_collections import config_flags
 
 from mnv2_flax import config_lib, errors, train
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", config_lib.__file__, "A config file (configs/*.py); default: the digits default."
-)
-_RELATIVE = flags.DEFINE_float("relative", 1e-7, "Relative size of the parameter perturbation.")
-_TOP = flags.DEFINE_integer("top", 8, "How many of the most-moved layers to list.")
-
 # Every path from these biases meets conv -> BatchNorm: their gradient is noise.
 _NO_TRUE_GRADIENT = "project_bn/bias"
 
@@ -92,11 +86,21 @@ def measure(
   }
 
 
+def define_flags() -> None:
+  """The command line. Defined when run, not on import: mnv2_flax.main, which
+  tests import next to this module, defines --config too."""
+  config_flags.DEFINE_config_file(
+      "config", config_lib.__file__, "A config file (configs/*.py); default: the digits default."
+  )
+  flags.DEFINE_float("relative", 1e-7, "Relative size of the parameter perturbation.")
+  flags.DEFINE_integer("top", 8, "How many of the most-moved layers to list.")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    result = measure(_CONFIG.value, _RELATIVE.value, _TOP.value)
+    result = measure(flags.FLAGS.config, flags.FLAGS.relative, flags.FLAGS.top)
   except errors.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -104,4 +108,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
