@@ -508,7 +508,9 @@ def run_local(runs: Sequence[Run], slots: Sequence[Slot], retries: int) -> None:
     return Active(run, lock_fd, proc, attempt, time.time())
 
   try:
-    while todo or active:
+    # After a stop signal the runs not yet started stay pending: wait only for
+    # the active ones to checkpoint and exit.
+    while active or (todo and not stop.received):
       for i, slot in enumerate(slots):
         while i not in active and todo and not stop.received:
           run = todo.popleft()
