@@ -8,9 +8,10 @@ checkpoint written on N devices restores on any other device count.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -18,7 +19,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mnv2_flax import config_lib, models
 from mnv2_flax.errors import ConfigError
+
+# Beside the step directories: the settings the weights need (config values,
+# class names, where they came from), so that evaluation, fine-tuning, export
+# and prediction need no hand-set flag.
+SETTINGS_FILE = "settings.json"
 
 
 class CheckpointError(ConfigError):
@@ -82,6 +89,12 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def holds_weights_only(self, step: int) -> bool:
+    """True for a checkpoint of variables alone (`save_variables`: imported
+    or exported weights), False for a TrainState."""
+    saved = self._manager.item_metadata(step)
+    return "opt_state" not in getattr(saved, "tree", saved)
 
   def save(self, step: int, state: Any) -> None:
     if self._manager.latest_step() == step:  # Already saved (periodic + final).
@@ -196,3 +209,81 @@ def merge_matching(target: Any, source: Any) -> tuple[Any, list[str]]:
     return leaf
 
   return jax.tree_util.tree_map_with_path(pick, target), kept
+
+
+def write_settings(
+    directory: str, settings: Mapping[str, Any], class_names: Sequence[str], source: str
+) -> None:
+  """Writes DIRECTORY/settings.json (atomically): `settings` from
+  `config_lib.settings_of`, one name per class, and where the weights came from."""
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, SETTINGS_FILE)
+  content = {"source": source, "config": dict(settings), "class_names": list(class_names)}
+  with open(path + ".tmp", "w") as f:
+    json.dump(content, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def read_settings(directory: str) -> dict[str, Any] | None:
+  """DIRECTORY/settings.json, or None for a checkpoint written without one."""
+  path = os.path.join(directory, SETTINGS_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path} is unreadable: {e}") from e
+
+
+def save_variables(
+    directory: str,
+    variables: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    class_names: Sequence[str],
+    source: str,
+) -> str:
+  """Saves {"params", "batch_stats"} as step 0 of an orbax checkpoint in
+  DIRECTORY, with its settings file. Returns the step's path."""
+  directory = os.path.abspath(directory)
+  manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
+  if manager.latest_step() is not None:
+    raise CheckpointError(f"{directory} already holds a checkpoint; choose a new directory")
+  tree = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  manager.save(0, args=ocp.args.StandardSave(jax.tree.map(np.asarray, tree)))
+  manager.wait_until_finished()
+  manager.close()
+  write_settings(directory, settings, class_names, source)
+  return os.path.join(directory, "0")
+
+
+def inference_variables(saved: Mapping[str, Any]) -> dict[str, Any]:
+  """{"params", "batch_stats"} to predict with from a saved tree: the EMA of
+  the weights when the run kept one."""
+  params = saved.get("ema_params") or saved["params"]
+  return {"params": params, "batch_stats": saved["batch_stats"]}
+
+
+def load_model(
+    checkpoint_path: str, conv_impl: str = "xla"
+) -> tuple[models.MobileNetV2, dict[str, Any], Any, tuple[str, ...]]:
+  """(model, variables, config, class names) of the newest checkpoint in
+  CHECKPOINT_PATH, built from its settings file (export and prediction)."""
+  if not os.path.isdir(checkpoint_path):
+    raise CheckpointError(f"--checkpoint_path {checkpoint_path} is not a directory")
+  settings = read_settings(checkpoint_path)
+  if settings is None:
+    raise CheckpointError(
+        f"{checkpoint_path} has no {SETTINGS_FILE} (checkpoints written before "
+        "2026-12-01 lack it): evaluate it with --mode=eval and the config it was trained with"
+    )
+  config = config_lib.base_config()
+  config, _ = config_lib.apply_settings(
+      config, settings["config"], config_lib.WEIGHT_KEYS + config_lib.RECIPE_KEYS
+  )
+  config.model.conv_impl = conv_impl
+  saved, _ = read_checkpoint(checkpoint_path)
+  variables = inference_variables(saved)
+  model = models.create_model(config.model, config.dataset.num_classes)
+  class_names = tuple(settings.get("class_names") or ())
+  return model, variables, config, class_names

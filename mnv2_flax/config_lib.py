@@ -202,6 +202,64 @@ KEYS: tuple[Key, ...] = (
 )
 
 
+# What a checkpoint's settings file records (checkpoint.write_settings).
+# The keys weights were trained with and need to compute the same function:
+# applied whenever weights are loaded, fine-tuning included.
+WEIGHT_KEYS = (
+    "model.width_multiplier",
+    "model.expansion",
+    "model.bottleneck",
+    "model.residual",
+    "model.padding",
+    "model.bn_epsilon",
+    "dataset.mean",
+    "dataset.std",
+)
+# The recipe they were evaluated with: applied to evaluate, export and predict,
+# not to fine-tune (which may pick its own resolution, strides and classes).
+RECIPE_KEYS = (
+    "model.stem_stride",
+    "model.stage_strides",
+    "dataset.image_size",
+    "dataset.eval_crop_fraction",
+    "dataset.num_classes",
+)
+
+
+def settings_of(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+  """The WEIGHT_KEYS and RECIPE_KEYS values of `config` (JSON-ready)."""
+  values = dict(_leaves(config))
+  values["dataset.num_classes"] = num_classes
+  return {
+      key: list(values[key]) if isinstance(values[key], tuple) else values[key]
+      for key in WEIGHT_KEYS + RECIPE_KEYS
+  }
+
+
+def apply_settings(
+    config: ml_collections.ConfigDict, settings: dict[str, Any], keys: Sequence[str]
+) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """A copy of `config` with `keys` set from a checkpoint's `settings`; also
+  returns "key: old -> new" for each value that changed."""
+  config = config.copy_and_resolve_references()
+  defaults = {key.name: key.default for key in KEYS}
+  changed = []
+  for key in keys:
+    if key not in settings:
+      continue
+    value = settings[key]
+    if isinstance(defaults[key], tuple):
+      value = tuple(value)
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    if node[leaf] != value:
+      changed.append(f"{key}: {node[leaf]!r} -> {value!r}")
+      node[leaf] = value
+  return config, changed
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The embedded default: MobileNetV2 (width 0.5) on scikit-learn's digits."""
   config = ml_collections.ConfigDict()

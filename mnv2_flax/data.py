@@ -17,7 +17,9 @@ data live here, TFDS datasets are built by `input_pipeline` on top of it, and
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+import functools
+import os
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -39,6 +41,9 @@ class DatasetInfo:
   image_shape: tuple[int, int, int]  # (H, W, C) of the batches yielded.
   num_train_examples: int
   num_eval_examples: int
+  # Name of each class index ("0".."9" for digits, folder names, ImageNet's
+  # human-readable names); predict prints them and checkpoints keep them.
+  class_names: tuple[str, ...] = ()
 
 
 class Dataset(Protocol):
@@ -95,6 +100,7 @@ class ArrayDataset:
       process_count: int = 1,
       transform: Transform | None = None,
       train_examples: int = 0,
+      class_names: Sequence[str] = (),
   ):
     if train_examples > len(train[1]):
       raise ConfigError(
@@ -115,6 +121,7 @@ class ArrayDataset:
         image_shape=tuple(self._apply(self._test_images[:1], None).shape[1:]),
         num_train_examples=len(self._train_labels),
         num_eval_examples=len(self._test_labels),
+        class_names=tuple(class_names) or tuple(str(i) for i in range(num_classes)),
     )
     if len(self._train_labels) < global_batch_size:
       raise ConfigError(
@@ -153,6 +160,13 @@ class ArrayDataset:
       lo, hi = min(start + offset, stop), min(start + offset + b, stop)
       images = self._apply(self._test_images[lo:hi], None)
       yield pad_batch({"image": images, "label": self._test_labels[lo:hi]}, b)
+
+
+@functools.cache
+def imagenet_class_names() -> tuple[str, ...]:
+  """ImageNet-1k's human-readable class names, in TFDS's label order."""
+  with open(os.path.join(os.path.dirname(__file__), "imagenet_classes.txt")) as f:
+    return tuple(f.read().splitlines())
 
 
 def load_digits(image_size: int, seed: int = 0) -> tuple[tuple, tuple]:
@@ -195,7 +209,11 @@ class SyntheticDataset:
     }
     self._eval_batch = pad_batch(self._batch, eval_batch_size // process_count)
     self.info = DatasetInfo(
-        num_classes, (image_size, image_size, 3), global_batch_size, local * process_count
+        num_classes,
+        (image_size, image_size, 3),
+        global_batch_size,
+        local * process_count,
+        tuple(str(i) for i in range(num_classes)),
     )
 
   def train_batches(self, start_step: int = 0) -> Iterator[Batch]:

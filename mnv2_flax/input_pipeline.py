@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -153,8 +153,8 @@ def preprocess_eval(image_bytes: tf.Tensor, config: Any) -> tf.Tensor:
 # ------------------------------------------------------------------------------
 
 
-def _load_tfds_arrays(name: str, config: Any) -> tuple[tuple, tuple, int]:
-  """(train, test) as (uint8 images, int32 labels) and the class count."""
+def _load_tfds_arrays(name: str, config: Any) -> tuple[tuple, tuple, tuple[str, ...]]:
+  """(train, test) as (uint8 images, int32 labels) and the class names."""
   builder = tfds.builder(name, data_dir=config.dataset.data_dir or None)
   builder.download_and_prepare()
 
@@ -164,7 +164,7 @@ def _load_tfds_arrays(name: str, config: Any) -> tuple[tuple, tuple, int]:
     )
     return images, labels.astype(np.int32)
 
-  return load("train"), load("test"), builder.info.features["label"].num_classes
+  return load("train"), load("test"), tuple(builder.info.features["label"].names)
 
 
 def _random_crop_and_flip(images: np.ndarray, rng: np.random.Generator, padding: int) -> np.ndarray:
@@ -182,7 +182,7 @@ def _random_crop_and_flip(images: np.ndarray, rng: np.random.Generator, padding:
 def _array_dataset(
     train: tuple,
     test: tuple,
-    num_classes: int,
+    class_names: tuple[str, ...],
     config: Any,
     process_index: int,
     process_count: int,
@@ -191,7 +191,7 @@ def _array_dataset(
   return data.ArrayDataset(
       train,
       test,
-      num_classes,
+      len(class_names),
       global_batch_size=config.global_batch_size,
       eval_batch_size=config.eval_batch_size,
       seed=config.seed,
@@ -199,12 +199,13 @@ def _array_dataset(
       process_count=process_count,
       transform=transform,
       train_examples=config.dataset.train_examples,
+      class_names=class_names,
   )
 
 
 def _cifar10(config: Any, process_index: int, process_count: int) -> data.Dataset:
   """CIFAR-10; train: 4-pixel zero-pad random crop + flip, then normalise."""
-  train, test, num_classes = _load_tfds_arrays("cifar10", config)
+  train, test, class_names = _load_tfds_arrays("cifar10", config)
   mean, std = _scaled_stats(config, 3)
 
   def transform(images: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
@@ -212,18 +213,18 @@ def _cifar10(config: Any, process_index: int, process_count: int) -> data.Datase
       images = _random_crop_and_flip(images, rng, _CIFAR_PADDING)
     return (images - mean) / std
 
-  return _array_dataset(train, test, num_classes, config, process_index, process_count, transform)
+  return _array_dataset(train, test, class_names, config, process_index, process_count, transform)
 
 
 def _mnist(config: Any, process_index: int, process_count: int) -> data.Dataset:
   """MNIST, normalised only. dataset.mean/std are used if they have a single
   entry; otherwise (the RGB default) MNIST's own 0.1307 / 0.3081."""
-  train, test, num_classes = _load_tfds_arrays("mnist", config)
+  train, test, class_names = _load_tfds_arrays("mnist", config)
   mean, std = _scaled_stats(config, 1, default=(_MNIST_MEAN, _MNIST_STD))
   return _array_dataset(
       train,
       test,
-      num_classes,
+      class_names,
       config,
       process_index,
       process_count,
@@ -275,10 +276,11 @@ class _StreamingDataset:
       read_eval: Callable[[int, int], tf.data.Dataset],
       process_index: int,
       process_count: int,
+      class_names: Sequence[str],
   ):
     size = config.dataset.image_size
     self.info = data.DatasetInfo(
-        num_classes, (size, size, 3), num_train_examples, num_eval_examples
+        num_classes, (size, size, 3), num_train_examples, num_eval_examples, tuple(class_names)
     )
     self._config = config
     self._read_train, self._read_eval = read_train, read_eval
@@ -395,6 +397,7 @@ def _imagenet(config: Any, process_index: int, process_count: int) -> data.Datas
       read_eval=read_eval,
       process_index=process_index,
       process_count=process_count,
+      class_names=data.imagenet_class_names(),
   )
 
 
@@ -482,6 +485,7 @@ def _image_folder(config: Any, process_index: int, process_count: int) -> data.D
       read_eval=read_eval,
       process_index=process_index,
       process_count=process_count,
+      class_names=builder.info.features["label"].names,
   )
 
 

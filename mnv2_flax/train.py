@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mnv2_flax import checkpoint, config_lib, datasets, errors, models
+from mnv2_flax import checkpoint, config_lib, data, datasets, errors, models
 
 Metrics = dict[str, jax.Array]
 
@@ -395,17 +395,49 @@ def restore_or_init(
   return state
 
 
+def with_checkpoint_settings(
+    config: ml_collections.ConfigDict, directory: str, keys: tuple[str, ...]
+) -> ml_collections.ConfigDict:
+  """`config` with `keys` taken from DIRECTORY's settings file, if it has one
+  (the weights' padding, BatchNorm epsilon, normalisation, ...); each value
+  that changes is logged."""
+  settings = checkpoint.read_settings(directory)
+  if settings is None:
+    return config
+  config, changed = config_lib.apply_settings(config, settings["config"], keys)
+  for change in changed:
+    logging.warning("From %s/%s: config.%s", directory, checkpoint.SETTINGS_FILE, change)
+  return config
+
+
+def write_settings(
+    config: ml_collections.ConfigDict, info: data.DatasetInfo, *directories: str
+) -> None:
+  if jax.process_index() == 0:
+    settings = config_lib.settings_of(config, info.num_classes)
+    for directory in directories:
+      checkpoint.write_settings(directory, settings, info.class_names, source="mnv2_flax")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from WORKDIR/checkpoints if any), evaluates, returns results."""
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
 
   start_time = time.time()
   workdir = ensure_workdir(workdir)
+  if config.checkpoint_path:  # Fine-tuning: the weights' own settings.
+    config = with_checkpoint_settings(config, config.checkpoint_path, config_lib.WEIGHT_KEYS)
   s = setup(config)
   ckpt = checkpoint.Checkpointer(
       os.path.join(workdir, "checkpoints"),
       keep=config.keep_checkpoints,
       best_metric=config.best_metric,
+  )
+  write_settings(
+      config,
+      s.dataset.info,
+      ckpt.directory,
+      *([ckpt.directory + "_best"] if config.best_metric else []),
   )
   state = restore_or_init(s, ckpt, config)
   start_step = int(state.step)
@@ -508,9 +540,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   directory = config.checkpoint_path or os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise checkpoint.CheckpointError(f"no checkpoint to evaluate: {directory} does not exist")
+  config = with_checkpoint_settings(
+      config, directory, config_lib.WEIGHT_KEYS + config_lib.RECIPE_KEYS
+  )
   s = setup(config)
   ckpt = checkpoint.Checkpointer(directory, keep=1, read_only=True)
-  state, step = ckpt.restore(abstract_state(s))
+  target = abstract_state(s)
+  latest = ckpt.latest_step()
+  if latest is not None and ckpt.holds_weights_only(latest):  # Imported weights.
+    variables, step = ckpt.restore(
+        {"params": target.params, "batch_stats": target.batch_stats}, latest
+    )
+    state = s.init_state().replace(ema_params=None, **variables)
+  else:
+    state, step = ckpt.restore(target)
   results = evaluate_dataset(s, state)
   results.update(
       step=step,
