@@ -2,11 +2,22 @@
 
 Point --config.dataset.root at a directory with train/ and test/ (or val/),
 each holding one sub-directory per class (e.g. a land-use scene set such as
-UC Merced). Set --config.checkpoint_path to an ImageNet checkpoint directory
-(WORKDIR/checkpoints of an imagenet.py run) to fine-tune: every weight whose
-shape matches is restored. Expected: the land-use article fine-tunes a
-pretrained MobileNetV2 to ~93 % validation accuracy; from scratch on a few
-thousand images expect far less. Cost: 300 M multiply-adds per image.
+UC Merced). Set --config.checkpoint_path to a checkpoints directory to start
+from its weights: an imagenet.py run's WORKDIR/checkpoints, or published
+ImageNet weights imported with `python -m mnv2_flax.convert` (Keras,
+torchvision, timm, TF-slim). The weights' own settings (width, padding,
+BatchNorm epsilon, input normalisation) come from the checkpoint's
+settings.json; a new classifier is made for the folder's classes.
+
+  python -m mnv2_flax.main --config=configs/imagefolder.py --workdir=DIR \
+      --config.dataset.root=FOLDER --config.checkpoint_path=WEIGHTS \
+      --config.finetune.freeze=backbone    # or: none (the default), with
+      # --config.finetune.backbone_lr_multiplier=0.1 and/or
+      # --config.finetune.freeze_batch_stats=True
+
+Expected: the land-use article fine-tunes a pretrained MobileNetV2 to ~93 %
+validation accuracy; from scratch on a few thousand images expect far less.
+Cost: 300 M multiply-adds per image.
 """
 
 from mnv2_flax import config_lib

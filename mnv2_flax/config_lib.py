@@ -195,6 +195,16 @@ KEYS: tuple[Key, ...] = (
     # (fine-tuning: layers whose shape differs, e.g. the classifier, keep their
     # fresh init; the optimizer starts fresh).
     Key("checkpoint_path", "", _TEXT),
+    # Fine-tuning (with checkpoint_path). "backbone": train the classifier
+    # only (every other weight and the BatchNorm statistics stay as loaded);
+    # "none": train everything.
+    Key("finetune.freeze", "none", _choice(("none", "backbone"))),
+    # Learning rate of every non-classifier weight, as a multiple of the
+    # classifier's (e.g. 0.1: the pretrained features move slowly).
+    Key("finetune.backbone_lr_multiplier", 1.0, _float(0)),
+    # BatchNorm normalises with the loaded running statistics and never
+    # updates them (small batches, or a target set unlike the source's).
+    Key("finetune.freeze_batch_stats", False, _BOOL),
     Key("skip_nonfinite_updates", False, _BOOL),
     Key("compilation_cache_dir", os.path.join("~", ".cache", "mnv2_flax", "jax"), _TEXT),
     # > 0: trace this many steps after the first.
@@ -226,13 +236,22 @@ RECIPE_KEYS = (
 )
 
 
-def settings_of(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
-  """The WEIGHT_KEYS and RECIPE_KEYS values of `config` (JSON-ready)."""
+def settings_of(
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> dict[str, Any]:
+  """The WEIGHT_KEYS and RECIPE_KEYS values of `config` (JSON-ready), with
+  the class count and normalisation the data really had, and dataset.name
+  (recorded, never applied: it tells export which data calibrates int8 and
+  whether evaluation crops)."""
   values = dict(_leaves(config))
   values["dataset.num_classes"] = num_classes
+  if normalization is not None:
+    values["dataset.mean"], values["dataset.std"] = normalization
   return {
-      key: list(values[key]) if isinstance(values[key], tuple) else values[key]
-      for key in WEIGHT_KEYS + RECIPE_KEYS
+      key: list(values[key]) if isinstance(values[key], (tuple, list)) else values[key]
+      for key in WEIGHT_KEYS + RECIPE_KEYS + ("dataset.name",)
   }
 
 
@@ -327,6 +346,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
         key,
         f"{config[key]} is not divisible by the {device_count} devices",
     )
+  _require(
+      config.finetune.freeze == "none" or bool(config.checkpoint_path),
+      "finetune.freeze",
+      f"{config.finetune.freeze!r} would freeze random weights: set checkpoint_path",
+  )
   _require(
       config.num_train_steps > 0 or config.num_epochs > 0,
       "num_epochs",

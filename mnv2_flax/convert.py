@@ -315,6 +315,7 @@ def settings(
   config.dataset.image_size = image_size
   config.dataset.eval_crop_fraction = eval_crop_fraction
   config.dataset.num_classes = num_classes
+  config.dataset.name = "imagenet2012"  # What the published weights were trained on.
   config_lib.validate(config, device_count=1)
   return config_lib.settings_of(config, num_classes)
 

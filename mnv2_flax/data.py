@@ -44,6 +44,9 @@ class DatasetInfo:
   # Name of each class index ("0".."9" for digits, folder names, ImageNet's
   # human-readable names); predict prints them and checkpoints keep them.
   class_names: tuple[str, ...] = ()
+  # The normalisation applied to [0, 1] pixels, per channel, when it is not
+  # config.dataset.mean/std (digits and MNIST use their own); checkpoints keep it.
+  normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 class Dataset(Protocol):
@@ -101,6 +104,7 @@ class ArrayDataset:
       transform: Transform | None = None,
       train_examples: int = 0,
       class_names: Sequence[str] = (),
+      normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
   ):
     if train_examples > len(train[1]):
       raise ConfigError(
@@ -122,6 +126,7 @@ class ArrayDataset:
         num_train_examples=len(self._train_labels),
         num_eval_examples=len(self._test_labels),
         class_names=tuple(class_names) or tuple(str(i) for i in range(num_classes)),
+        normalization=normalization,
     )
     if len(self._train_labels) < global_batch_size:
       raise ConfigError(
@@ -169,19 +174,34 @@ def imagenet_class_names() -> tuple[str, ...]:
     return tuple(f.read().splitlines())
 
 
-def load_digits(image_size: int, seed: int = 0) -> tuple[tuple, tuple]:
-  """scikit-learn's bundled 8x8 digits: a fixed 1437/360 train/test split,
-  scaled to [0, 1], upsampled (bilinear) to image_size, normalised."""
+@functools.cache
+def _digits_resized(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's 8x8 digits scaled to [0, 1], upsampled (bilinear) to
+  image_size, and their labels."""
   import jax  # pylint: disable=g-import-not-at-top
   from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
 
   digits = sk_datasets.load_digits()
   images = digits.images.astype(np.float32)[..., None] / 16.0
-  labels = digits.target.astype(np.int32)
   images = np.asarray(
       jax.image.resize(images, (len(images), image_size, image_size, 1), "bilinear")
   )
-  images = (images - images.mean()) / images.std()
+  return images, digits.target.astype(np.int32)
+
+
+def digits_normalization(image_size: int) -> tuple[tuple[float], tuple[float]]:
+  """The (mean, std) digits images are normalised with, in [0, 1] units:
+  those of the whole set at that size."""
+  images, _ = _digits_resized(image_size)
+  return (float(images.mean()),), (float(images.std()),)
+
+
+def load_digits(image_size: int, seed: int = 0) -> tuple[tuple, tuple]:
+  """scikit-learn's bundled 8x8 digits: a fixed 1437/360 train/test split,
+  scaled to [0, 1], upsampled (bilinear) to image_size, normalised."""
+  images, labels = _digits_resized(image_size)
+  (mean,), (std,) = digits_normalization(image_size)
+  images = (images - np.float32(mean)) / np.float32(std)
   order = np.random.default_rng(seed).permutation(len(labels))
   train, test = order[:1437], order[1437:]
   return (images[train], labels[train]), (images[test], labels[test])

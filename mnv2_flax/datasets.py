@@ -32,6 +32,7 @@ def create_dataset(config: Any, *, process_index: int, process_count: int) -> da
         process_index=process_index,
         process_count=process_count,
         train_examples=config.dataset.train_examples,
+        normalization=data.digits_normalization(config.dataset.image_size),
         **kwargs,
     )
   if name == "synthetic":

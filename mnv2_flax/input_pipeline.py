@@ -187,6 +187,7 @@ def _array_dataset(
     process_index: int,
     process_count: int,
     transform: data.Transform,
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> data.ArrayDataset:
   return data.ArrayDataset(
       train,
@@ -200,6 +201,7 @@ def _array_dataset(
       transform=transform,
       train_examples=config.dataset.train_examples,
       class_names=class_names,
+      normalization=normalization,
   )
 
 
@@ -229,6 +231,7 @@ def _mnist(config: Any, process_index: int, process_count: int) -> data.Dataset:
       process_index,
       process_count,
       lambda images, rng: (images - mean) / std,
+      normalization=((float(mean[0]) / 255,), (float(std[0]) / 255,)),
   )
 
 

@@ -97,9 +97,6 @@ def initialize_jax(config) -> None:
 
 
 def summary(config) -> dict[str, int]:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
   from mnv2_flax import models  # pylint: disable=g-import-not-at-top
 
   config_lib.validate(config, device_count=1)
@@ -107,14 +104,8 @@ def summary(config) -> dict[str, int]:
   channels = 1 if config.dataset.name in ("digits", "mnist") else 3
   model = models.create_model(config.model, config.dataset.num_classes)
   shape = (size, size, channels)
-  variables = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False)
-  )
-  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
   return {
-      "params": count(variables["params"]),
-      "batch_stats": count(variables["batch_stats"]),
-      "macs": models.count_macs(model, variables, shape),
+      **models.size(model, shape),
       "input_shape": list(shape),
       "num_classes": config.dataset.num_classes,
   }

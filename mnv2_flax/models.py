@@ -152,6 +152,9 @@ class MobileNetV2(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
   remat: bool = False
+  # Training normalises with the running statistics and leaves them as they
+  # are (fine-tuning with frozen BatchNorm).
+  freeze_batch_stats: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -168,7 +171,7 @@ class MobileNetV2(nn.Module):
     # jit over a sharded batch XLA inserts the cross-device reduction.
     norm = functools.partial(
         layers.BatchNorm,
-        use_running_average=not train,
+        use_running_average=not train or self.freeze_batch_stats,
         momentum=self.bn_momentum,
         epsilon=self.bn_epsilon,
         impl=self.conv_impl,
@@ -218,9 +221,12 @@ def downsampling_factor(stem_stride: int, stage_strides: Sequence[int]) -> int:
   return factor
 
 
-def create_model(model_config: Any, num_classes: int) -> MobileNetV2:
+def create_model(
+    model_config: Any, num_classes: int, freeze_batch_stats: bool = False
+) -> MobileNetV2:
   """Builds the model from `config.model` (an ml_collections ConfigDict)."""
   return MobileNetV2(
+      freeze_batch_stats=freeze_batch_stats,
       num_classes=num_classes,
       width_multiplier=model_config.width_multiplier,
       expansion=model_config.expansion,
@@ -272,3 +278,17 @@ def count_macs(model: nn.Module, variables: Any, image_shape: Sequence[int]) -> 
         jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
     )
   return total
+
+
+def size(model: nn.Module, image_shape: Sequence[int]) -> dict[str, int]:
+  """Parameters, BatchNorm statistics and multiply-adds of one image, counted
+  on abstract values (nothing is computed)."""
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False)
+  )
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  return {
+      "params": count(variables["params"]),
+      "batch_stats": count(variables["batch_stats"]),
+      "macs": count_macs(model, variables, image_shape),
+  }

@@ -106,7 +106,23 @@ def create_optimizer(
   decay = optax.add_decayed_weights(
       o.weight_decay, functools.partial(weight_decay_mask, mode=o.weight_decay_mask)
   )
-  return optax.chain(decay, opt)
+  tx = optax.chain(decay, opt)
+  f = config.finetune
+  if f.freeze == "none" and f.backbone_lr_multiplier == 1.0:
+    return tx
+  # Fine-tuning: the backbone (all but the classifier) frozen or slower.
+  if f.freeze == "backbone":
+    backbone = optax.set_to_zero()
+  else:
+    backbone = optax.chain(tx, optax.scale(f.backbone_lr_multiplier))
+  return optax.multi_transform({"classifier": tx, "backbone": backbone}, parameter_groups)
+
+
+def parameter_groups(params: Any) -> Any:
+  """ "classifier" for the classifier's leaves, "backbone" for the others."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "classifier" if path[0].key == "classifier" else "backbone", params
+  )
 
 
 # --- steps -----------------------------------------------------------------------
@@ -241,7 +257,11 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
       if config.num_train_steps > 0
       else int(config.num_epochs * steps_per_epoch)
   )
-  model = models.create_model(config.model, info.num_classes)
+  model = models.create_model(
+      config.model,
+      info.num_classes,
+      freeze_batch_stats=config.finetune.freeze_batch_stats or config.finetune.freeze == "backbone",
+  )
   lr_fn = learning_rate_schedule(config, steps_per_epoch, num_steps)
   tx = create_optimizer(config, lr_fn)
   image_size = config.dataset.image_size
@@ -414,7 +434,7 @@ def write_settings(
     config: ml_collections.ConfigDict, info: data.DatasetInfo, *directories: str
 ) -> None:
   if jax.process_index() == 0:
-    settings = config_lib.settings_of(config, info.num_classes)
+    settings = config_lib.settings_of(config, info.num_classes, info.normalization)
     for directory in directories:
       checkpoint.write_settings(directory, settings, info.class_names, source="mnv2_flax")
 

@@ -33,6 +33,12 @@ def tiny_config(**overrides):
   return config
 
 
+def checkpoint_steps(directory) -> list[int]:
+  """The step numbers saved in a checkpoints directory (its other files, such
+  as settings.json, left out)."""
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
 def run_main(
     args, *, devices: int = 1, timeout: int = 300, check: bool = True, env=None
 ) -> subprocess.CompletedProcess:

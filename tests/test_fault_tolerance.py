@@ -15,7 +15,7 @@ import pytest
 
 from mnv2_flax import checkpoint, data, errors, train
 
-from conftest import REPO, SMOKE_CONFIG, tiny_config
+from conftest import REPO, SMOKE_CONFIG, checkpoint_steps, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +120,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(eight_steps, tmp_path,
   results = train.train_and_evaluate(tiny_config(num_train_steps=12), str(workdir))
   assert results["step"] == 12
   assert (workdir / "checkpoints_corrupt" / "8").is_dir()  # Kept for inspection.
-  assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["4", "8", "12"]
+  assert checkpoint_steps(workdir / "checkpoints") == [4, 8, 12]
   # The re-trained step 8 equals the original one: resume was from step 4.
   original = checkpoint.read_checkpoint(str(eight_steps / "checkpoints"), 8)[0]
   again = checkpoint.read_checkpoint(str(workdir / "checkpoints"), 8)[0]
@@ -148,7 +148,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
       match=r"at step 6; stopped at step 8\. Last good checkpoint: .*/checkpoints/4",
   ):
     train.train_and_evaluate(config, str(tmp_path))
-  assert os.listdir(tmp_path / "checkpoints") == ["4"]
+  assert checkpoint_steps(tmp_path / "checkpoints") == [4]
 
 
 def test_skip_nonfinite_updates_keeps_training(tmp_path, monkeypatch):

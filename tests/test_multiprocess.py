@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, SMOKE_CONFIG, run_main
+from conftest import REPO, SMOKE_CONFIG, checkpoint_steps, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +120,7 @@ def test_two_processes_train_like_one(runs):
 
 def test_every_checkpoint_written(runs):
   multi, _ = runs
-  steps = sorted(int(d) for d in os.listdir(os.path.join(multi, "checkpoints")))
+  steps = checkpoint_steps(os.path.join(multi, "checkpoints"))
   assert steps == [2, 4]
   assert read_results(multi)["step"] == 4
 

@@ -11,7 +11,7 @@ import pytest
 
 from mnv2_flax import checkpoint, train
 
-from conftest import REPO, SMOKE_CONFIG, run_main, tiny_config
+from conftest import REPO, SMOKE_CONFIG, checkpoint_steps, run_main, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,11 @@ def test_training_learns_digits(trained):
     saved = json.load(f)
   assert set(saved) >= {"top1", "top5", "loss", "num_examples", "step", "wall_clock_s"}
   assert saved["top1"] == results["top1"]
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["120", "240"]
+  assert checkpoint_steps(os.path.join(workdir, "checkpoints")) == [120, 240]
+  settings = checkpoint.read_settings(os.path.join(workdir, "checkpoints"))
+  assert settings["class_names"] == [str(i) for i in range(10)]
+  assert settings["config"]["model.width_multiplier"] == 0.35
+  assert settings["config"]["dataset.image_size"] == 16
 
 
 def test_restore_and_evaluate_gives_identical_metrics(trained):
@@ -105,14 +109,14 @@ def test_rerunning_the_command_resumes(tmp_path):
   config.num_train_steps = 8
   second = train.train_and_evaluate(config, str(tmp_path))
   assert second["step"] == 8
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
+  assert checkpoint_steps(tmp_path / "checkpoints") == [4, 8]
   # Once more: the run is finished, so it is only evaluated again (the final
   # and best checkpoints of step 8 already exist and must not be re-saved).
   third = train.train_and_evaluate(config, str(tmp_path))
   assert {k: third[k] for k in ("step", "top1", "loss")} == {
       k: second[k] for k in ("step", "top1", "loss")
   }
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
+  assert checkpoint_steps(tmp_path / "checkpoints") == [4, 8]
 
 
 def test_saving_the_same_best_step_again_is_a_no_op(tmp_path):
@@ -128,11 +132,27 @@ def test_saving_the_same_best_step_again_is_a_no_op(tmp_path):
   ckpt.close()
 
 
+def test_eval_takes_the_model_from_the_checkpoint_settings(trained, tmp_path):
+  config, workdir, results = trained
+  # A config for another width and resolution: settings.json says what the weights need.
+  other = tiny_config(
+      **{
+          "model.width_multiplier": 0.5,
+          "dataset.image_size": 24,
+          "checkpoint_path": f"{workdir}/checkpoints",
+      }
+  )
+  evaluated = train.evaluate(other, str(tmp_path))
+  assert evaluated["top1"] == results["top1"]
+
+
 def test_checkpoint_from_another_model_names_the_shapes(trained, tmp_path):
   _, workdir, _ = trained
-  config = tiny_config(
-      **{"model.width_multiplier": 0.5, "checkpoint_path": f"{workdir}/checkpoints"}
-  )
+  # Without its settings file (as checkpoints written before 2026-12-01).
+  bare = tmp_path / "bare"
+  os.makedirs(bare)
+  os.symlink(os.path.join(workdir, "checkpoints", "240"), bare / "240")
+  config = tiny_config(**{"model.width_multiplier": 0.5, "checkpoint_path": str(bare)})
   with pytest.raises(
       checkpoint.CheckpointError,
       match=r"does not fit the configured model .*params/block1/project/"
