@@ -1,0 +1,112 @@
+"""Prediction from image files with a checkpoint and with its TFLite export:
+the README walk-through (train digits, predict an image, export, predict the
+same with the TFLite model)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mnv2_flax import export, predict
+
+from conftest import REPO
+from digits_model import trained_digits
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+  """Ten digits test images as 64x64 PNGs (8x8 upscaled), a corrupt file
+  and a missing one; returns (good paths, labels, bad paths)."""
+  from sklearn import datasets as sk_datasets
+
+  directory = tmp_path_factory.mktemp("images")
+  digits = sk_datasets.load_digits()
+  test = np.random.default_rng(0).permutation(len(digits.target))[1437:1447]  # load_digits' split.
+  paths, labels = [], []
+  for i in test:
+    pixels = np.round(digits.images[i] * 255 / 16).astype(np.uint8)
+    path = str(directory / f"digit{i}.png")
+    Image.fromarray(pixels, "L").resize((64, 64), Image.NEAREST).save(path)
+    paths.append(path)
+    labels.append(int(digits.target[i]))
+  corrupt = directory / "corrupt.png"
+  corrupt.write_bytes(b"not an image")
+  return paths, labels, [str(corrupt), str(directory / "missing.png")]
+
+
+def _predict_cli(*args):
+  proc = subprocess.run(
+      [sys.executable, "-m", "mnv2_flax.predict", *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  return proc
+
+
+def test_load_image_crops_and_resizes_as_eval(tmp_path):
+  spec = export.InputSpec(4, 3, (0.5,) * 3, (0.25,) * 3, 0.5, "imagenet2012", ("a", "b"))
+  pixels = np.zeros((8, 16, 3), np.uint8)
+  pixels[2:6, 6:10] = 200  # The centre square of half the shorter side.
+  Image.fromarray(pixels).save(tmp_path / "x.png")
+  image = predict.load_image(str(tmp_path / "x.png"), spec)
+  assert image.shape == (4, 4, 3) and image.dtype == np.float32
+  np.testing.assert_allclose(image, 200)
+
+
+def test_resize_matches_tensorflow():
+  tf = pytest.importorskip("tensorflow")
+  image = np.random.default_rng(0).uniform(0, 255, (13, 9, 3)).astype(np.float32)
+  for size in (4, 16):
+    expected = tf.image.resize(image, (size, size), method="bilinear").numpy()
+    np.testing.assert_allclose(predict.resize_bilinear(image, size), expected, atol=1e-3)
+
+
+def test_checkpoint_predicts_files_and_reports_bad_ones(images):
+  checkpoint_path, _ = trained_digits()
+  paths, labels, bad = images
+  proc = _predict_cli(f"--checkpoint_path={checkpoint_path}", "--json", *paths, *bad)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 2 and all(any(b in e for e in errors) for b in bad)
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert [p["image"] for p in report["predictions"]] == paths
+  top1 = [int(p["top"][0]["class"]) for p in report["predictions"]]
+  assert np.mean(np.array(top1) == labels) >= 0.8
+  assert all(len(p["top"]) == 5 for p in report["predictions"])
+  assert all(abs(sum(t["probability"] for t in p["top"]) - 1) < 0.05 for p in report["predictions"])
+
+
+def test_exported_tflite_predicts_like_the_checkpoint(images, tmp_path):
+  pytest.importorskip("tensorflow")
+  pytest.importorskip("ai_edge_litert")
+  checkpoint_path, _ = trained_digits()
+  paths, _, _ = images
+  export.export(checkpoint_path, str(tmp_path), ["tflite"])
+  from_checkpoint = predict.Predictor.from_checkpoint(checkpoint_path)
+  from_tflite = predict.Predictor.from_exported(os.path.join(tmp_path, "model.tflite"))
+  assert from_tflite.spec == from_checkpoint.spec
+  expected, _ = from_checkpoint.predict_files(paths)
+  got, errors = from_tflite.predict_files(paths)
+  assert not errors
+  for path in paths:
+    np.testing.assert_allclose(got[path], expected[path], atol=1e-5)
+  # The command line, text output.
+  proc = _predict_cli(f"--model={tmp_path}/model.tflite", "--top_k=1", paths[0])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  name, _, _ = from_checkpoint.top_k(expected[paths[0]])[0]
+  assert proc.stdout.splitlines()[-1].split()[-1] == name
+
+
+def test_usage_errors_exit_2(tmp_path):
+  proc = _predict_cli("--model=x.tflite", "--checkpoint_path=y", "a.png")
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: give")
+  proc = _predict_cli(f"--model={tmp_path}/none.tflite", "a.png")
+  assert proc.returncode == 2 and "does not exist" in proc.stderr.strip().splitlines()[-1]
