@@ -5,8 +5,8 @@
   python -m launch.report workdirs/expansion
 
 Cost: 12 points (t = 1, 2, 4, 6, 8, 10 times a linear or a ReLU6 bottleneck)
-x 5 seeds = 60 runs of configs/digits.py on 400 training images (BASE), ~25 s
-each on a 2-core CPU: ~25 minutes.
+x 5 seeds = 60 runs of configs/digits.py on 400 training images (BASE), 1-6
+minutes each on one core: about 1.3 hours on a 2-core CPU with --parallel=2.
 Expected (the paper, on ImageNet): the linear bottleneck above ReLU6 at every
 t (Figure 6a); t from 5 to 10 nearly identical (section 4), smaller t lower.
 On digits the gaps may be tenths of a percent, inside the 95 % CIs; the

@@ -5,8 +5,9 @@
   python -m launch.report workdirs/shortcut
 
 Cost: 3 points (model.residual: between bottlenecks as in the paper, between
-expansion layers, none) x 5 seeds = 15 runs of configs/digits.py, ~40 s each
-on a 2-core CPU: ~10 minutes.
+expansion layers, none) x 5 seeds = 15 runs of configs/digits.py on 400
+training images (BASE), 1-6 minutes each on one core: about 20 minutes on a
+2-core CPU with --parallel=2.
 Expected (the paper, on ImageNet): the shortcut between bottlenecks above both
 the shortcut between expansion layers and no shortcut (Figure 6b). On nearly
 saturated digits the gaps may sit inside the 95 % CIs; read the paired
