@@ -1,6 +1,7 @@
-"""Prediction from image files with a checkpoint and with its TFLite export:
-the README walk-through (train digits, predict an image, export, predict the
-same with the TFLite model)."""
+"""Prediction from image files with a checkpoint and with its exports: the
+README walk-through (train digits, predict an image, export, predict the
+same with the TFLite model). The exports are test_export.py's, made once per
+test process (`digits_model`)."""
 
 import json
 import os
@@ -14,9 +15,7 @@ from PIL import Image
 from mnv2_flax import export, predict
 
 from conftest import REPO
-from digits_model import trained_digits
-
-pytestmark = pytest.mark.slow
+from digits_model import exported_digits, exported_random, has_module, trained_digits
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +68,7 @@ def test_resize_matches_tensorflow():
     np.testing.assert_allclose(predict.resize_bilinear(image, size), expected, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_checkpoint_predicts_files_and_reports_bad_ones(images):
   checkpoint_path, _ = trained_digits()
   paths, labels, bad = images
@@ -81,30 +81,60 @@ def test_checkpoint_predicts_files_and_reports_bad_ones(images):
   top1 = [int(p["top"][0]["class"]) for p in report["predictions"]]
   assert np.mean(np.array(top1) == labels) >= 0.8
   assert all(len(p["top"]) == 5 for p in report["predictions"])
-  assert all(abs(sum(t["probability"] for t in p["top"]) - 1) < 0.05 for p in report["predictions"])
+  for p in report["predictions"]:  # The most probable five of a distribution.
+    probabilities = [t["probability"] for t in p["top"]]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert 0.5 < sum(probabilities) <= 1 + 1e-5
 
 
-def test_exported_tflite_predicts_like_the_checkpoint(images, tmp_path):
+@pytest.mark.slow
+def test_exported_tflite_predicts_like_the_checkpoint(images):
   pytest.importorskip("tensorflow")
   pytest.importorskip("ai_edge_litert")
   checkpoint_path, _ = trained_digits()
+  out, _ = exported_digits()
   paths, _, _ = images
-  export.export(checkpoint_path, str(tmp_path), ["tflite"])
   from_checkpoint = predict.Predictor.from_checkpoint(checkpoint_path)
-  from_tflite = predict.Predictor.from_exported(os.path.join(tmp_path, "model.tflite"))
+  from_tflite = predict.Predictor.from_exported(os.path.join(out, "model.tflite"))
   assert from_tflite.spec == from_checkpoint.spec
   expected, _ = from_checkpoint.predict_files(paths)
   got, errors = from_tflite.predict_files(paths)
   assert not errors
   for path in paths:
     np.testing.assert_allclose(got[path], expected[path], atol=1e-5)
+  # int8: uint8 input quantised by the runner; the same classes.
+  from_int8 = predict.Predictor.from_exported(os.path.join(out, "model_int8.tflite"))
+  got, errors = from_int8.predict_files(paths)
+  assert not errors
+  agree = [np.argmax(got[p]) == np.argmax(expected[p]) for p in paths]
+  assert np.mean(agree) >= 0.9
   # The command line, text output.
-  proc = _predict_cli(f"--model={tmp_path}/model.tflite", "--top_k=1", paths[0])
+  proc = _predict_cli(f"--model={out}/model.tflite", "--top_k=1", paths[0])
   assert proc.returncode == 0, proc.stderr[-2000:]
   name, _, _ = from_checkpoint.top_k(expected[paths[0]])[0]
   assert proc.stdout.splitlines()[-1].split()[-1] == name
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["saved_model", "onnx"])
+def test_saved_model_and_onnx_predict_like_the_checkpoint(images, fmt):
+  pytest.importorskip("tensorflow")
+  if fmt == "onnx" and not (has_module("jax2onnx") and has_module("onnxruntime")):
+    pytest.skip("jax2onnx or onnxruntime is not installed")
+  checkpoint_path, out, _ = exported_random("digits")
+  paths, _, _ = images
+  from_checkpoint = predict.Predictor.from_checkpoint(checkpoint_path)
+  exported = predict.Predictor.from_exported(os.path.join(out, export.FILES[fmt]))
+  assert exported.kind == fmt and exported.spec == from_checkpoint.spec
+  expected, _ = from_checkpoint.predict_files(paths)
+  got, errors = exported.predict_files(paths)
+  assert not errors
+  for path in paths:
+    np.testing.assert_allclose(got[path], expected[path], atol=1e-5)
+  assert exported.top_k(got[paths[0]], 1)[0][0].startswith("class")
+
+
+@pytest.mark.slow
 def test_usage_errors_exit_2(tmp_path):
   proc = _predict_cli("--model=x.tflite", "--checkpoint_path=y", "a.png")
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: give")
