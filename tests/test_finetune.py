@@ -132,3 +132,26 @@ def test_freezing_random_weights_is_refused():
   config = tiny_config(**{"finetune.freeze": "backbone"})
   with pytest.raises(ConfigError, match=r"^config.finetune.freeze: .* set checkpoint_path"):
     config_lib.validate(config, device_count=1)
+
+
+def test_imported_weights_evaluate_with_their_own_settings(pretrained, tmp_path):
+  # Another width and resolution in the config: settings.json decides.
+  config = tiny_config(
+      **{
+          "dataset.name": "synthetic",
+          "model.width_multiplier": 0.5,
+          "dataset.image_size": 24,
+          "checkpoint_path": pretrained,
+      }
+  )
+  results = train.evaluate(config, str(tmp_path))
+  assert results["step"] == 0
+  assert results["num_examples"] == config.global_batch_size
+  model, variables, loaded_config, names = checkpoint.load_model(pretrained)
+  assert (model.width_multiplier, loaded_config.dataset.image_size) == (0.35, 16)
+  assert names == tuple(str(i) for i in range(10))
+  images = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+  saved, _ = checkpoint.read_checkpoint(pretrained)
+  np.testing.assert_array_equal(
+      model.apply(variables, images, train=False), model.apply(saved, images, train=False)
+  )
