@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from mnv2_flax import config_lib, models
+from mnv2_flax.cli import fail
 from mnv2_flax.errors import ConfigError
 
 SOURCES = ("keras", "torchvision", "timm", "slim")
@@ -701,13 +702,6 @@ def from_slim(
 
 
 # --- command line -------------------------------------------------------------------
-
-EXIT_USER_ERROR = 2
-
-
-def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(EXIT_USER_ERROR)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -37,16 +37,16 @@ import dataclasses
 import json
 import logging as pylogging
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from mnv2_flax import checkpoint
+from mnv2_flax import checkpoint, cli
+from mnv2_flax.cli import fail
 from mnv2_flax.errors import ConfigError
 
 INFO_FILE = "export.json"
@@ -446,7 +446,6 @@ def export(
 # Command line.
 # ------------------------------------------------------------------------------
 
-EXIT_USER_ERROR = 2
 
 FLAGS = flags.FLAGS
 
@@ -464,24 +463,11 @@ def define_flags() -> None:
   )
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(EXIT_USER_ERROR)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0])
-  return []
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS.checkpoint_path or not FLAGS.out:
-    _fail("--checkpoint_path and --out are required")
+    fail("--checkpoint_path and --out are required")
   info = export(
       FLAGS.checkpoint_path,
       FLAGS.out,
@@ -496,10 +482,7 @@ def main(argv: list[str]) -> None:
 def run() -> None:
   """Entry point of `python -m mnv2_flax.export`."""
   define_flags()
-  try:
-    app.run(main, flags_parser=_parse_flags)
-  except ConfigError as e:
-    _fail(str(e))
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,11 @@ import logging as pylogging
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from mnv2_flax import allocator, config_lib, errors
-
-EXIT_USER_ERROR = 2
+from mnv2_flax import allocator, cli, config_lib, errors
+from mnv2_flax.cli import fail
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -59,20 +58,6 @@ flags.DEFINE_bool(
 def quiet_library_info_logs(record: pylogging.LogRecord) -> bool:
   """Drops orbax's per-save INFO lines (dozens a checkpoint); keeps warnings."""
   return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
-
-
-def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(EXIT_USER_ERROR)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing whose errors are one line and exit status 2."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    fail(str(e).splitlines()[0])
-  return []
 
 
 def initialize_jax(config) -> None:
@@ -156,9 +141,7 @@ def console_main() -> None:
 def run() -> None:
   """Parses flags and runs; user errors become one line and exit status 2."""
   try:
-    app.run(main, flags_parser=parse_flags)
-  except errors.ConfigError as e:
-    fail(str(e))
+    cli.run(main)
   except errors.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

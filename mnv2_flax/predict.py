@@ -23,13 +23,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from mnv2_flax import export
+from mnv2_flax import cli, export
+from mnv2_flax.cli import fail
 from mnv2_flax.errors import ConfigError
 
 EXIT_IMAGE_ERROR = 1
-EXIT_USER_ERROR = 2
 
 
 def resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
@@ -202,25 +202,12 @@ def define_flags() -> None:
   flags.DEFINE_bool("json", False, "Print one JSON document instead of text.")
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(EXIT_USER_ERROR)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0])
-  return []
-
-
 def main(argv: list[str]) -> None:
   paths = argv[1:]
   if bool(FLAGS.checkpoint_path) == bool(FLAGS.model):
-    _fail("give exactly one of --checkpoint_path and --model")
+    fail("give exactly one of --checkpoint_path and --model")
   if not paths:
-    _fail("no image files given")
+    fail("no image files given")
   if FLAGS.checkpoint_path:
     predictor = Predictor.from_checkpoint(FLAGS.checkpoint_path)
   else:
@@ -251,10 +238,7 @@ def main(argv: list[str]) -> None:
 def run() -> None:
   """Entry point of `python -m mnv2_flax.predict`."""
   define_flags()
-  try:
-    app.run(main, flags_parser=_parse_flags)
-  except ConfigError as e:
-    _fail(str(e))
+  cli.run(main)
 
 
 if __name__ == "__main__":

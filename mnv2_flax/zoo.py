@@ -202,7 +202,7 @@ def markdown(rows: Sequence[dict[str, Any]], machine: str, date: str) -> str:
   ]
   for r in rows:
     lines.append(
-        f"| {r['width']:g} | {r['resolution']} | {r['params'] / 1e6:.2f} M | "
+        f"| {r['width']} | {r['resolution']} | {r['params'] / 1e6:.2f} M | "
         f"{r['macs'] / 1e6:.0f} M ({r['published_macs_m']} M) | "
         f"{r['published_top1']:.1f} / {r['published_top5']:.1f} | "
         f"{r['jax_ms']:.2f} | {r['tflite_ms']:.2f} | {r['tflite_int8_ms']:.2f} | "
@@ -231,7 +231,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str, machine: str) -> None:
           [r["published_top1"] for r in line],
           style,
           color=color,
-          label=f"{width:g} {label}",
+          label=f"{width} {label}",
           markersize=4,
       )
   ax.set_xscale("log")
