@@ -211,17 +211,21 @@ def merge_matching(target: Any, source: Any) -> tuple[Any, list[str]]:
   return jax.tree_util.tree_map_with_path(pick, target), kept
 
 
+def write_json(path: str, content: Any, sort_keys: bool = False) -> None:
+  """Writes `content` as JSON to PATH atomically: readers never see half a file."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(content, f, indent=2, sort_keys=sort_keys)
+  os.replace(path + ".tmp", path)
+
+
 def write_settings(
     directory: str, settings: Mapping[str, Any], class_names: Sequence[str], source: str
 ) -> None:
   """Writes DIRECTORY/settings.json (atomically): `settings` from
   `config_lib.settings_of`, one name per class, and where the weights came from."""
   os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, SETTINGS_FILE)
   content = {"source": source, "config": dict(settings), "class_names": list(class_names)}
-  with open(path + ".tmp", "w") as f:
-    json.dump(content, f, indent=2)
-  os.replace(path + ".tmp", path)
+  write_json(os.path.join(directory, SETTINGS_FILE), content)
 
 
 def read_settings(directory: str) -> dict[str, Any] | None:
@@ -264,6 +268,18 @@ def inference_variables(saved: Mapping[str, Any]) -> dict[str, Any]:
   return {"params": params, "batch_stats": saved["batch_stats"]}
 
 
+def model_from_settings(
+    settings: Mapping[str, Any], conv_impl: str = "xla"
+) -> tuple[models.MobileNetV2, Any]:
+  """(model, config) of a settings file's "config" entry: the default config
+  with every recorded weight and recipe key applied."""
+  config, _ = config_lib.apply_settings(
+      config_lib.base_config(), dict(settings), config_lib.WEIGHT_KEYS + config_lib.RECIPE_KEYS
+  )
+  config.model.conv_impl = conv_impl
+  return models.create_model(config.model, config.dataset.num_classes), config
+
+
 def load_model(
     checkpoint_path: str, conv_impl: str = "xla"
 ) -> tuple[models.MobileNetV2, dict[str, Any], Any, tuple[str, ...]]:
@@ -277,13 +293,8 @@ def load_model(
         f"{checkpoint_path} has no {SETTINGS_FILE} (checkpoints written before "
         "2026-12-01 lack it): evaluate it with --mode=eval and the config it was trained with"
     )
-  config = config_lib.base_config()
-  config, _ = config_lib.apply_settings(
-      config, settings["config"], config_lib.WEIGHT_KEYS + config_lib.RECIPE_KEYS
-  )
-  config.model.conv_impl = conv_impl
+  model, config = model_from_settings(settings["config"], conv_impl)
   saved, _ = read_checkpoint(checkpoint_path)
   variables = inference_variables(saved)
-  model = models.create_model(config.model, config.dataset.num_classes)
   class_names = tuple(settings.get("class_names") or ())
   return model, variables, config, class_names

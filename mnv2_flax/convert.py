@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from mnv2_flax import config_lib, models
+from mnv2_flax import checkpoint, config_lib, models
 from mnv2_flax.cli import fail
 from mnv2_flax.errors import ConfigError
 
@@ -321,15 +321,6 @@ def settings(
   return config_lib.settings_of(config, num_classes)
 
 
-def build_model(settings_dict: Mapping[str, Any], conv_impl: str = "xla") -> models.MobileNetV2:
-  """The model of a settings dict, exactly as `checkpoint.load_model` builds it."""
-  config, _ = config_lib.apply_settings(
-      config_lib.base_config(), dict(settings_dict), config_lib.WEIGHT_KEYS + config_lib.RECIPE_KEYS
-  )
-  config.model.conv_impl = conv_impl
-  return models.create_model(config.model, config.dataset.num_classes)
-
-
 def expected_shapes(model: models.MobileNetV2) -> dict[str, tuple[int, ...]]:
   """ "params/stem/kernel" -> shape of every variable of `model` (RGB input)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -401,7 +392,9 @@ def _convert(
     conv_impl: str = "xla",
 ) -> tuple[models.MobileNetV2, dict[str, Any]]:
   # The recipe keys (image size, crop) do not change the model.
-  model = build_model(settings(source, width_multiplier, num_classes), conv_impl)
+  model, _ = checkpoint.model_from_settings(
+      settings(source, width_multiplier, num_classes), conv_impl
+  )
   entries = table(source) if entries is None else entries
   return model, convert_arrays(arrays, entries, model, ignore, what)
 

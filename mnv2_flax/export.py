@@ -437,8 +437,7 @@ def export(
       **spec.to_json(),
       "files": files,
   }
-  with open(os.path.join(out, INFO_FILE), "w") as f:
-    json.dump(info, f, indent=2)
+  checkpoint.write_json(os.path.join(out, INFO_FILE), info)
   return info
 
 

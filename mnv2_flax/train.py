@@ -12,7 +12,6 @@ clu's metric writers do, so they are imported where the loop starts.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import time
@@ -345,10 +344,7 @@ def ensure_workdir(workdir: str) -> str:
 
 def write_results(workdir: str, results: dict[str, Any], name: str = "results.json") -> None:
   if jax.process_index() == 0:
-    path = os.path.join(workdir, name)
-    with open(path + ".tmp", "w") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)  # Never leave a half-written file.
+    checkpoint.write_json(os.path.join(workdir, name), results, sort_keys=True)
 
 
 class PreemptionWatcher:

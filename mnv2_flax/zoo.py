@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mnv2_flax import benchmark, checkpoint, config_lib, data, models
+from mnv2_flax import benchmark, checkpoint, convert, data, models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,23 +77,9 @@ PUBLISHED = (
 )
 
 
-def keras_config(entry: Published) -> Any:
-  """The config the converted Keras weights carry (settings.json)."""
-  config = config_lib.base_config()
-  overrides = {
-      "model.width_multiplier": entry.width,
-      "model.padding": "tf_same",
-      "model.bn_epsilon": 1e-3,
-      "model.stem_stride": 2,
-      "model.stage_strides": models.PAPER_STAGE_STRIDES,
-      "dataset.mean": (0.5, 0.5, 0.5),
-      "dataset.std": (0.5, 0.5, 0.5),
-      "dataset.image_size": entry.resolution,
-      "dataset.num_classes": 1000,
-      "dataset.name": "imagenet2012",
-  }
-  config, _ = config_lib.apply_settings(config, overrides, list(overrides))
-  return config
+def keras_settings(entry: Published) -> dict[str, Any]:
+  """The settings the converted Keras weights carry (settings.json)."""
+  return convert.settings("keras", entry.width, 1000, image_size=entry.resolution)
 
 
 def commands(entry: Published) -> tuple[str, str]:
@@ -110,30 +96,11 @@ def commands(entry: Published) -> tuple[str, str]:
   return convert, evaluate
 
 
-def random_checkpoint(entry: Published, directory: str) -> str:
-  """Randomly initialised weights of `entry`'s shape, saved with its settings."""
-  config = keras_config(entry)
-  model = models.create_model(config.model, 1000)
-  r = entry.resolution
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, r, r, 3)), train=False)
-  path = os.path.join(directory, entry.name)
-  checkpoint.save_variables(
-      path,
-      variables,
-      config_lib.settings_of(config, 1000),
-      data.imagenet_class_names(),
-      source="random (zoo latency)",
-  )
-  return path
-
-
-def jax_latency_ms(entry: Published, steps: int, warmup: int) -> float:
-  """Median batch-1 latency of the jitted model (the CPU kernels by default)."""
-  config = keras_config(entry)
-  model = models.create_model(config.model, 1000)
-  r = entry.resolution
-  image = jnp.zeros((1, r, r, 3))
-  variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), image, train=False))()
+def jax_latency_ms(
+    model: models.MobileNetV2, variables: Any, shape: Sequence[int], steps: int, warmup: int
+) -> float:
+  """Median batch-1 latency of the jitted model on images of `shape` (H, W, C)."""
+  image = jnp.zeros((1, *shape))
   infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
   times = benchmark.time_calls(
       lambda: infer(variables, image).block_until_ready(), warmup + 1, steps
@@ -162,9 +129,19 @@ def measure(entry: Published, workdir: str, steps: int, warmup: int) -> dict[str
   """One row of the zoo table."""
   from mnv2_flax import export  # pylint: disable=g-import-not-at-top
 
-  config = keras_config(entry)
-  size = models.size(models.create_model(config.model, 1000), (entry.resolution,) * 2 + (3,))
-  weights = random_checkpoint(entry, workdir)
+  settings = keras_settings(entry)
+  # The CPU kernels (conv_impl "auto") for JAX's latency; export uses XLA's.
+  model, _ = checkpoint.model_from_settings(settings, conv_impl="auto")
+  shape = (entry.resolution, entry.resolution, 3)
+  size = models.size(model, shape)
+  # Random weights: latency does not depend on their values.
+  variables = jax.jit(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False)
+  )()
+  weights = os.path.join(workdir, entry.name)
+  checkpoint.save_variables(
+      weights, variables, settings, data.imagenet_class_names(), source="random (zoo latency)"
+  )
   out = os.path.join(workdir, f"{entry.name}_export")
   rng = np.random.default_rng(0)
   calibration = rng.integers(0, 256, (32, entry.resolution, entry.resolution, 3)).astype(np.uint8)
@@ -181,7 +158,7 @@ def measure(entry: Published, workdir: str, steps: int, warmup: int) -> dict[str
       "macs": size["macs"],
       "tflite_bytes": info["files"]["tflite"]["bytes"],
       "tflite_int8_bytes": info["files"]["tflite_int8"]["bytes"],
-      "jax_ms": jax_latency_ms(entry, steps, warmup),
+      "jax_ms": jax_latency_ms(model, variables, shape, steps, warmup),
       "tflite_ms": tflite_latency_ms(os.path.join(out, export.FILES["tflite"]), steps, warmup),
       "tflite_int8_ms": tflite_latency_ms(
           os.path.join(out, export.FILES["tflite_int8"]), steps, warmup
@@ -270,8 +247,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for name in chosen:
       rows.append(measure(names[name], workdir, args.steps, args.warmup))
       print(json.dumps(rows[-1]), flush=True)
-  with open(os.path.join(args.out, "zoo.json"), "w") as f:
-    json.dump({"machine": machine, "date": date, "rows": rows}, f, indent=2)
+  checkpoint.write_json(
+      os.path.join(args.out, "zoo.json"), {"machine": machine, "date": date, "rows": rows}
+  )
   with open(os.path.join(args.out, "zoo.md"), "w") as f:
     f.write(markdown(rows, machine, date))
   plot(rows, os.path.join(args.out, "zoo.png"), machine)
