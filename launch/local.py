@@ -12,7 +12,9 @@ If a process fails, the others are killed (they cannot go on without it) and
 the launcher exits with that process's status. SIGTERM or SIGINT
 (Ctrl-C) reaches every process as SIGTERM, JAX's preemption notice: they agree
 on a step, checkpoint it and exit 0, so re-running the command resumes. A
-second signal kills them.
+second signal kills them. If the launcher itself dies (SIGKILL, the OOM
+killer), each process gets SIGTERM from the kernel (Linux) and stops the same
+way, rather than training on with no one relaying its output.
 
 JAX's persistent compilation cache is switched off for multi-process CPU
 runs (see mnv2_flax/main.py): only process 0 would hit it, and a process that
@@ -23,6 +25,7 @@ launch/__init__.py); to try this launcher there, set JAX_PLATFORMS=cpu.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -30,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO
 
 from absl import app, flags, logging
@@ -54,6 +57,7 @@ RESERVED_FLAGS = (
     "--jax_distributed_auto",
 )
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def free_port() -> int:
@@ -84,26 +88,48 @@ def exit_status(returncode: int) -> int:
   return returncode if returncode >= 0 else 128 - returncode
 
 
+def stop_when_parent_dies() -> Callable[[], None] | None:
+  """A Popen preexec_fn: SIGTERM to the child when its parent dies (Linux's
+  PR_SET_PDEATHSIG); None elsewhere."""
+  if not sys.platform.startswith("linux"):
+    return None
+  prctl = ctypes.CDLL(None, use_errno=True).prctl  # Looked up before the fork.
+  parent = os.getpid()
+
+  def preexec() -> None:
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # It died before prctl took effect.
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  return preexec
+
+
 class Job:
   """The child processes, their output relays, and what signals do to them."""
 
   def __init__(self, commands: Sequence[Sequence[str]], env: dict[str, str]):
     lock = threading.Lock()
-    self.processes: list[subprocess.Popen] = []
-    self._relays: list[threading.Thread] = []
     self._signals_received = 0
-    for i, command in enumerate(commands):
-      # A session of its own: a terminal's Ctrl-C reaches the launcher only,
-      # which then sends SIGTERM (the notice JAX's preemption sync acts on).
-      p = subprocess.Popen(
-          command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-      )
-      relay_thread = threading.Thread(
-          target=relay, args=(p.stdout, f"[{i}] ".encode(), lock), daemon=True
-      )
+    # A session of its own: a terminal's Ctrl-C reaches the launcher only,
+    # which then sends SIGTERM (the notice JAX's preemption sync acts on).
+    # Every child is forked before any relay thread starts (preexec_fn).
+    self.processes = [
+        subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=stop_when_parent_dies(),
+        )
+        for command in commands
+    ]
+    self._relays = [
+        threading.Thread(target=relay, args=(p.stdout, f"[{i}] ".encode(), lock), daemon=True)
+        for i, p in enumerate(self.processes)
+    ]
+    for relay_thread in self._relays:
       relay_thread.start()
-      self.processes.append(p)
-      self._relays.append(relay_thread)
 
   def send(self, sig: int) -> None:
     for p in self.processes:

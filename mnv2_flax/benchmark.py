@@ -204,7 +204,7 @@ def make_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   config.dataset.num_classes = args.num_classes
   config.model.width_multiplier = args.width
   config.model.stem_stride = 2  # The paper's strides (base_config's is 1).
-  config.model.half_precision = args.dtype == "bfloat16"
+  config.model.dtype = args.dtype
   config.model.conv_impl = args.conv_impl
   config.model.remat = args.remat
   config.global_batch_size = args.batch_size

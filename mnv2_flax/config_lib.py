@@ -146,8 +146,10 @@ KEYS: tuple[Key, ...] = (
     # Running average decay (flax convention).
     Key("model.bn_momentum", 0.9, _FRACTION),
     Key("model.bn_epsilon", 1e-5, _POSITIVE),
-    # bf16 compute; params and BN stay f32.
-    Key("model.half_precision", False, _BOOL),
+    # Compute dtype: "float32", "bfloat16" (params and BatchNorm stay
+    # float32) or "float64" (XLA's convolutions; for exact comparisons, e.g.
+    # of device layouts: summation order then moves results by ~1e-12).
+    Key("model.dtype", "float32", _choice(tuple(models.DTYPES))),
     # "auto" | "xla" | "taps"; see layers.py.
     Key("model.conv_impl", "auto", _choice(layers.CONV_IMPLS)),
     Key("model.remat", False, _BOOL),  # Rematerialise each block to save memory.
@@ -209,6 +211,12 @@ KEYS: tuple[Key, ...] = (
     Key("compilation_cache_dir", os.path.join("~", ".cache", "mnv2_flax", "jax"), _TEXT),
     # > 0: trace this many steps after the first.
     Key("profile_steps", 0, _int(low=0)),
+    # Test-only: a known bug that the device-layout tests must catch, so that
+    # they are seen to fail. "batch_stats_per_device": BatchNorm statistics
+    # of each device's share of the batch instead of the global batch's;
+    # "drop_shard": the batch shard of each process's last device arrives
+    # as zeros (with one device per process: nothing changes).
+    Key("testing.fault", "", _choice(("", "batch_stats_per_device", "drop_shard"))),
 )
 
 
@@ -346,6 +354,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
         key,
         f"{config[key]} is not divisible by the {device_count} devices",
     )
+  _require(
+      m.dtype != "float64" or m.conv_impl != "taps",
+      "model.conv_impl",
+      "'taps' computes in float32; model.dtype='float64' needs 'xla' or 'auto'",
+  )
   _require(
       config.finetune.freeze == "none" or bool(config.checkpoint_path),
       "finetune.freeze",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -277,13 +278,19 @@ def im2col(x: Array, kernel_shape: Sequence[int], stride: int, pads: Padding) ->
 _NHW = (0, 1, 2)  # BatchNorm reduces over batch and space, per channel.
 
 
+def statistics_dtype(dtype: Any) -> Any:
+  """BatchNorm's statistics and arithmetic: float32, or float64 for float64
+  activations (bfloat16 would lose the variance)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def batch_norm(x: Array, scale: Array, bias: Array, epsilon: float) -> tuple[Array, Array, Array]:
   """Training-mode BatchNorm of NHWC `x`: (output, batch mean, batch variance).
 
-  Statistics in float32 from E[x] and E[x^2] (flax's default "fast
-  variance"); the output has x's dtype.
+  Statistics in float32 (float64 for float64 `x`) from E[x] and E[x^2]
+  (flax's default "fast variance"); the output has x's dtype.
   """
-  xf = x.astype(jnp.float32)
+  xf = x.astype(statistics_dtype(x.dtype))
   mean = jnp.mean(xf, _NHW)
   var = jnp.maximum(jnp.mean(xf * xf, _NHW) - mean * mean, 0.0)
   return normalize(x, mean, var, scale, bias, epsilon), mean, var
@@ -292,8 +299,9 @@ def batch_norm(x: Array, scale: Array, bias: Array, epsilon: float) -> tuple[Arr
 def normalize(
     x: Array, mean: Array, var: Array, scale: Array, bias: Array, epsilon: float
 ) -> Array:
-  """(x - mean) / sqrt(var + epsilon) * scale + bias in float32, in x's dtype."""
-  y = (x.astype(jnp.float32) - mean) * (scale * lax.rsqrt(var + epsilon)) + bias
+  """(x - mean) / sqrt(var + epsilon) * scale + bias in float32 (float64 for
+  float64 `x`), in x's dtype."""
+  y = (x.astype(statistics_dtype(x.dtype)) - mean) * (scale * lax.rsqrt(var + epsilon)) + bias
   return y.astype(x.dtype)
 
 

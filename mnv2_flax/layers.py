@@ -37,14 +37,18 @@ CONV_IMPLS = ("auto", "xla", "taps")
 PADDINGS = ("symmetric", "tf_same")
 
 
-def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
-  """Maps "auto" to the fastest measured implementation for `backend`."""
+def resolve_conv_impl(impl: str, backend: str | None = None, dtype: Any = jnp.float32) -> str:
+  """Maps "auto" to the fastest measured implementation for `backend` and
+  `dtype` (the CPU kernels compute in float32: float64 takes XLA's)."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+  float64 = jnp.dtype(dtype) == jnp.float64
+  if impl == "taps" and float64:
+    raise ValueError("model.conv_impl 'taps' computes in float32; float64 needs 'xla' or 'auto'")
   if impl != "auto":
     return impl
   backend = backend or jax.default_backend()
-  return "taps" if backend == "cpu" else "xla"
+  return "taps" if backend == "cpu" and not float64 else "xla"
 
 
 def conv_padding(padding: str, in_size: int, kernel_size: int, stride: int) -> tuple[int, int]:
@@ -121,7 +125,9 @@ def convolve(
   kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
   x, kernel = x.astype(module.dtype), kernel.astype(module.dtype)
   pads = spatial_padding(module.padding, x.shape, module.kernel_size, module.strides)
-  return registry[resolve_conv_impl(module.impl)](x, kernel, module.strides, pads)
+  return registry[resolve_conv_impl(module.impl, dtype=module.dtype)](
+      x, kernel, module.strides, pads
+  )
 
 
 class Conv(nn.Module):
@@ -170,10 +176,11 @@ class DepthwiseConv(nn.Module):
 class BatchNorm(nn.Module):
   """BatchNorm over NHWC inputs with `flax.linen.BatchNorm`'s variables.
 
-  params `scale`, `bias` and batch_stats `mean`, `var` (float32), updated as
-  flax does: `ra = momentum * ra + (1 - momentum) * batch_value`, not while
-  initialising. Under jit over a batch-sharded input the statistics are those
-  of the global batch (XLA inserts the cross-device reductions).
+  params `scale`, `bias` and batch_stats `mean`, `var` (float32; float64 in a
+  float64 model), updated as flax does: `ra = momentum * ra + (1 - momentum)
+  * batch_value`, not while initialising. Under jit over a batch-sharded input
+  the statistics are those of the global batch (XLA inserts the cross-device
+  reductions).
   """
 
   use_running_average: bool = False
@@ -185,6 +192,10 @@ class BatchNorm(nn.Module):
   # E.g. zeros for the last BatchNorm of a residual block, so that the block
   # starts as the identity.
   scale_init: Callable[..., Array] = nn.initializers.ones
+  # A known bug the device-layout tests must catch (config.testing.fault):
+  # > 1 takes the statistics of each of this many equal slices of the batch
+  # (one per device) instead of the whole batch's.
+  statistics_groups: int = 1
 
   @nn.compact
   def __call__(
@@ -197,16 +208,24 @@ class BatchNorm(nn.Module):
     (K <= C: the stem and the expansion convs), and x itself is dead code
     under jit."""
     features = (x.shape[-1],)
-    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
-    ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+    stats_dtype = cpu_kernels.statistics_dtype(self.param_dtype)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, stats_dtype)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, features, stats_dtype)
     scale = self.param("scale", self.scale_init, features, self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, features, self.param_dtype)
-    scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
+    compute_dtype = cpu_kernels.statistics_dtype(self.dtype)
+    scale, bias = scale.astype(compute_dtype), bias.astype(compute_dtype)
     x = x.astype(self.dtype)
     if self.use_running_average:
       return cpu_kernels.normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
-    impl = resolve_conv_impl(self.impl)
-    if (
+    impl = resolve_conv_impl(self.impl, dtype=self.dtype)
+    if self.statistics_groups > 1 and not self.is_initializing():
+      groups = x.reshape(self.statistics_groups, -1, *x.shape[1:])
+      y, mean, var = jax.vmap(BATCH_NORM_FNS[impl], in_axes=(0, None, None, None))(
+          groups, scale, bias, self.epsilon
+      )
+      y, mean, var = y.reshape(x.shape), mean.mean(0), var.mean(0)
+    elif (
         impl == "taps"
         and matmul_input is not None
         and self.dtype == jnp.float32

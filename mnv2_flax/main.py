@@ -63,6 +63,8 @@ def quiet_library_info_logs(record: pylogging.LogRecord) -> bool:
 def initialize_jax(config) -> None:
   import jax  # pylint: disable=g-import-not-at-top
 
+  if config.model.get("dtype") == "float64":  # Process-wide, before JAX computes anything.
+    jax.config.update("jax_enable_x64", True)
   if FLAGS.coordinator_address:
     if FLAGS.num_processes is None or FLAGS.process_id is None:
       fail("--coordinator_address needs --num_processes and --process_id")

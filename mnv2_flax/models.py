@@ -149,23 +149,34 @@ class MobileNetV2(nn.Module):
   padding: str = "symmetric"
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  # Compute dtype: float32, bfloat16 (parameters and BatchNorm stay float32)
+  # or float64 (everything; XLA's convolutions; needs jax_enable_x64).
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
   remat: bool = False
   # Training normalises with the running statistics and leaves them as they
   # are (fine-tuning with frozen BatchNorm).
   freeze_batch_stats: bool = False
+  # Test-only (config.testing.fault): BatchNorm statistics per slice of the
+  # batch, a bug the device-layout tests must catch.
+  statistics_groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    param_dtype = jnp.promote_types(self.dtype, jnp.float32)
     conv = functools.partial(
-        layers.Conv, padding=self.padding, impl=self.conv_impl, dtype=self.dtype
+        layers.Conv,
+        padding=self.padding,
+        impl=self.conv_impl,
+        dtype=self.dtype,
+        param_dtype=param_dtype,
     )
     depthwise_conv = functools.partial(
         layers.DepthwiseConv,
         padding=self.padding,
         impl=self.conv_impl,
         dtype=self.dtype,
+        param_dtype=param_dtype,
     )
     # BatchNorm statistics are reduced over the whole (global) batch: under
     # jit over a sharded batch XLA inserts the cross-device reduction.
@@ -176,6 +187,8 @@ class MobileNetV2(nn.Module):
         epsilon=self.bn_epsilon,
         impl=self.conv_impl,
         dtype=self.dtype,
+        param_dtype=param_dtype,
+        statistics_groups=self.statistics_groups,
     )
     block = nn.remat(InvertedResidual) if self.remat else InvertedResidual
 
@@ -210,8 +223,8 @@ class MobileNetV2(nn.Module):
     x = relu6(conv_norm(conv, norm, x, last_channels, "head"))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
-    return x.astype(jnp.float32)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=param_dtype, name="classifier")(x)
+    return x.astype(param_dtype)
 
 
 def downsampling_factor(stem_stride: int, stage_strides: Sequence[int]) -> int:
@@ -221,12 +234,19 @@ def downsampling_factor(stem_stride: int, stage_strides: Sequence[int]) -> int:
   return factor
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+
+
 def create_model(
-    model_config: Any, num_classes: int, freeze_batch_stats: bool = False
+    model_config: Any,
+    num_classes: int,
+    freeze_batch_stats: bool = False,
+    statistics_groups: int = 1,
 ) -> MobileNetV2:
   """Builds the model from `config.model` (an ml_collections ConfigDict)."""
   return MobileNetV2(
       freeze_batch_stats=freeze_batch_stats,
+      statistics_groups=statistics_groups,
       num_classes=num_classes,
       width_multiplier=model_config.width_multiplier,
       expansion=model_config.expansion,
@@ -239,7 +259,7 @@ def create_model(
       padding=model_config.padding,
       bn_momentum=model_config.bn_momentum,
       bn_epsilon=model_config.bn_epsilon,
-      dtype=jnp.bfloat16 if model_config.half_precision else jnp.float32,
+      dtype=DTYPES[model_config.dtype],
       conv_impl=model_config.conv_impl,
       remat=model_config.remat,
   )

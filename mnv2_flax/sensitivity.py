@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import app, flags
 from flax import traverse_util
@@ -61,27 +62,33 @@ def measure(
     gradient, logits = jax.grad(loss, has_aux=True)(params)
     return logits, gradient
 
-  leaves, treedef = jax.tree.flatten(state.params)
-  keys = jax.random.split(jax.random.PRNGKey(config.seed + 1), len(leaves))
-  perturbed = jax.tree.unflatten(
-      treedef,
-      [p * (1 + relative * jax.random.normal(k, p.shape)) for p, k in zip(leaves, keys)],
-  )
-  logits, gradient = logits_and_gradient(state.params)
-  perturbed_logits, perturbed_gradient = logits_and_gradient(perturbed)
-  before = traverse_util.flatten_dict(jax.device_get(gradient), sep="/")
-  after = traverse_util.flatten_dict(jax.device_get(perturbed_gradient), sep="/")
+  @jax.jit  # One compilation, not one per parameter shape.
+  def perturb(params: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(config.seed + 1), len(leaves))
+    return jax.tree.unflatten(
+        treedef,
+        [p * (1 + relative * jax.random.normal(k, p.shape)) for p, k in zip(leaves, keys)],
+    )
+
+  logits, gradient = jax.device_get(logits_and_gradient(state.params))
+  perturbed_logits, perturbed_gradient = jax.device_get(logits_and_gradient(perturb(state.params)))
+  # The statistics in numpy, on the host: in jnp each shape would compile.
+  before = traverse_util.flatten_dict(gradient, sep="/")
+  after = traverse_util.flatten_dict(perturbed_gradient, sep="/")
   names = [name for name in before if not name.endswith(_NO_TRUE_GRADIENT)]
-  norm = lambda tree: float(jnp.sqrt(sum(jnp.sum(jnp.square(tree[n])) for n in names)))
+  norm = lambda tree: float(
+      np.sqrt(sum(np.sum(np.square(tree[n], dtype=np.float64)) for n in names))
+  )
   change = {n: after[n] - before[n] for n in names}
   per_layer = {
-      n: float(jnp.linalg.norm(change[n]) / jnp.maximum(jnp.linalg.norm(before[n]), 1e-30))
+      n: float(np.linalg.norm(change[n]) / max(float(np.linalg.norm(before[n])), 1e-30))
       for n in names
   }
   return {
       "gradient_change": norm(change) / norm(before),
       "gradient_norm": norm(before),
-      "logits_change": float(jnp.max(jnp.abs(perturbed_logits - logits))),
+      "logits_change": float(np.max(np.abs(perturbed_logits - logits))),
       "most_moved": sorted(per_layer.items(), key=lambda item: -item[1])[:top],
   }
 

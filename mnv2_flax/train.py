@@ -15,7 +15,7 @@ import functools
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -152,14 +152,16 @@ def classification_metrics(logits: jax.Array, labels: jax.Array, weights: jax.Ar
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
-    *,
     rng: jax.Array,
+    *,
     image_size: int,
     label_smoothing: float,
     lr_fn: optax.Schedule,
     skip_nonfinite: bool,
 ) -> tuple[TrainState, Metrics]:
-  """One optimisation step on the global batch; metrics are batch means."""
+  """One optimisation step on the global batch; metrics are batch means.
+  `rng` is the run's dropout key (an argument, not a constant: one compiled
+  step serves every seed)."""
   images = prepare_images(batch["image"], image_size)
   labels = batch["label"]
   dropout_rng = jax.random.fold_in(rng, state.step)
@@ -212,16 +214,32 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, image_size: int
 
 @struct.dataclass
 class Setup:
-  """Everything built from a config before the loop: compiled steps included."""
+  """Everything built from a config before the loop: compiled steps included.
+
+  The jitted `init` and `step` take the run's keys (`init_rng`,
+  `dropout_rng`) as arguments, not as constants: set-ups that differ only
+  in the seed can share them, and the compilation cache serves every seed.
+  """
 
   mesh: jax.sharding.Mesh = struct.field(pytree_node=False)
   dataset: Any = struct.field(pytree_node=False)
   model: nn.Module = struct.field(pytree_node=False)
   steps_per_epoch: int = struct.field(pytree_node=False)
   num_steps: int = struct.field(pytree_node=False)
-  init_state: Callable[[], TrainState] = struct.field(pytree_node=False)
-  train_step: Callable[..., Any] = struct.field(pytree_node=False)
-  eval_step: Callable[..., Any] = struct.field(pytree_node=False)
+  init: Callable[[jax.Array], TrainState] = struct.field(pytree_node=False)
+  step: Callable[..., tuple[TrainState, Metrics]] = struct.field(pytree_node=False)
+  eval_step: Callable[..., Metrics] = struct.field(pytree_node=False)
+  init_rng: jax.Array = struct.field(pytree_node=False)
+  dropout_rng: jax.Array = struct.field(pytree_node=False)
+  fault: str = struct.field(pytree_node=False, default="")  # config.testing.fault
+
+  def init_state(self) -> TrainState:
+    return self.init(self.init_rng)
+
+  def train_step(
+      self, state: TrainState, batch: dict[str, jax.Array]
+  ) -> tuple[TrainState, Metrics]:
+    return self.step(state, batch, self.dropout_rng)
 
   @property
   def replicated(self) -> NamedSharding:
@@ -230,22 +248,38 @@ class Setup:
   def shard(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
     """Assembles this process's numpy batch into a global, data-sharded array."""
     sharding = NamedSharding(self.mesh, P("data"))
+    local_devices = len(self.mesh.local_devices)
+    if self.fault == "drop_shard" and local_devices > 1:
+      # The last local device's rows arrive as zeros (config.testing.fault).
+      image = np.array(batch["image"])
+      image[len(image) - len(image) // local_devices :] = 0
+      batch = {**batch, "image": image}
     return {
         k: v if isinstance(v, jax.Array) else jax.make_array_from_process_local_data(sharding, v)
         for k, v in batch.items()
     }
 
 
-def create_mesh() -> jax.sharding.Mesh:
+def create_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A 1-D "data" mesh over `devices` (default: every device of every process)."""
+  devices = jax.devices() if devices is None else list(devices)
   # Auto axes: XLA propagates the batch sharding (and inserts the cross-device
   # reductions for gradients and BatchNorm statistics) by itself.
-  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh(
+      (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+  )
 
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
-  """Validates the config, builds the dataset, model, optimizer and steps."""
-  config_lib.validate(config, jax.device_count())
-  mesh = create_mesh()
+def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Setup:
+  """Validates the config, builds the dataset, model, optimizer and steps on
+  `mesh` (default: `create_mesh()`, all devices)."""
+  mesh = create_mesh() if mesh is None else mesh
+  config_lib.validate(config, mesh.size)
+  if config.model.dtype == "float64" and not jax.config.jax_enable_x64:
+    raise errors.ConfigError(
+        "config.model.dtype: 'float64' needs jax_enable_x64, set before JAX computes anything "
+        "(the command line sets it; in Python: jax.config.update('jax_enable_x64', True))"
+    )
   dataset = datasets.create_dataset(
       config, process_index=jax.process_index(), process_count=jax.process_count()
   )
@@ -256,10 +290,12 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
       if config.num_train_steps > 0
       else int(config.num_epochs * steps_per_epoch)
   )
+  fault = config.testing.fault
   model = models.create_model(
       config.model,
       info.num_classes,
       freeze_batch_stats=config.finetune.freeze_batch_stats or config.finetune.freeze == "backbone",
+      statistics_groups=mesh.size if fault == "batch_stats_per_device" else 1,
   )
   lr_fn = learning_rate_schedule(config, steps_per_epoch, num_steps)
   tx = create_optimizer(config, lr_fn)
@@ -269,9 +305,9 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   batch_sharding = NamedSharding(mesh, P("data"))
 
   @functools.partial(jax.jit, out_shardings=replicated)
-  def init_state() -> TrainState:
+  def init(rng: jax.Array) -> TrainState:
     images = jnp.zeros((1, image_size, image_size, info.image_shape[-1]))
-    variables = model.init(init_rng, images, train=False)
+    variables = model.init(rng, images, train=False)
     ema = config.optimizer.ema_decay
     return TrainState.create(
         apply_fn=model.apply,
@@ -282,13 +318,17 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         ema_decay=ema,
     )
 
-  step = functools.partial(
-      train_step,
-      rng=dropout_rng,
-      image_size=image_size,
-      lr_fn=lr_fn,
-      label_smoothing=config.optimizer.label_smoothing,
-      skip_nonfinite=config.skip_nonfinite_updates,
+  step = jax.jit(
+      functools.partial(
+          train_step,
+          image_size=image_size,
+          lr_fn=lr_fn,
+          label_smoothing=config.optimizer.label_smoothing,
+          skip_nonfinite=config.skip_nonfinite_updates,
+      ),
+      in_shardings=(replicated, batch_sharding, replicated),
+      out_shardings=(replicated, replicated),
+      donate_argnums=0,
   )
   return Setup(
       mesh=mesh,
@@ -296,18 +336,16 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
       model=model,
       steps_per_epoch=steps_per_epoch,
       num_steps=num_steps,
-      init_state=init_state,
-      train_step=jax.jit(
-          step,
-          in_shardings=(replicated, batch_sharding),
-          out_shardings=(replicated, replicated),
-          donate_argnums=0,
-      ),
+      init=init,
+      step=step,
       eval_step=jax.jit(
           functools.partial(eval_step, image_size=image_size),
           in_shardings=(replicated, batch_sharding),
           out_shardings=replicated,
       ),
+      init_rng=init_rng,
+      dropout_rng=dropout_rng,
+      fault=fault,
   )
 
 

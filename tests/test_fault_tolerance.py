@@ -1,12 +1,15 @@
 """Never lose a run: exact resume after SIGKILL, SIGTERM preemption, corrupt
 checkpoints, non-finite losses."""
 
+import contextlib
+import json
 import os
 import pathlib
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -15,90 +18,111 @@ import pytest
 
 from mnv2_flax import checkpoint, data, errors, train
 
-from conftest import REPO, SMOKE_CONFIG, checkpoint_steps, tiny_config
+from conftest import CACHE_DIR, REPO, SMOKE_CONFIG, checkpoint_steps, started, tiny_config
 
-pytestmark = pytest.mark.slow
-
-
-def start_main(args) -> subprocess.Popen:
-  env = dict(os.environ, PYTHONPATH=str(REPO))
-  return subprocess.Popen(
-      [sys.executable, "-m", "mnv2_flax.main", f"--config={SMOKE_CONFIG}", *args],
-      cwd=REPO,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-  )
+# One worker: the in-process runs share the compiled steps of this config.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fault_tolerance")]
 
 
-def wait_for_checkpoint(workdir: pathlib.Path, step: int, proc, timeout=240) -> None:
-  deadline = time.time() + timeout
-  while not (workdir / "checkpoints" / str(step)).is_dir():
-    assert proc.poll() is None, proc.communicate()[1][-2000:]
-    assert time.time() < deadline, "no checkpoint in time"
-    time.sleep(0.05)
+STEPS = 24  # Every run here: configs/smoke.py for 24 steps, a checkpoint every 4.
+RUN_FLAGS = [
+    f"--config={SMOKE_CONFIG}",
+    f"--config.num_train_steps={STEPS}",
+    "--config.checkpoint_every_steps=4",
+    f"--config.compilation_cache_dir={CACHE_DIR}",
+]
 
 
-def final_params(workdir):
+def config(**overrides):
+  """RUN_FLAGS' config, for runs in this process (the same compiled steps)."""
+  return tiny_config(num_train_steps=STEPS, checkpoint_every_steps=4, **overrides)
+
+
+class Main:
+  """`python -m mnv2_flax.main RUN_FLAGS --workdir=WORKDIR`, whose stderr
+  (absl's log) is read line by line as it comes."""
+
+  def __init__(self, workdir: pathlib.Path, stack: contextlib.ExitStack):
+    self.workdir = workdir
+    self.proc = stack.enter_context(
+        started(
+            [sys.executable, "-m", "mnv2_flax.main", *RUN_FLAGS, f"--workdir={workdir}"],
+            str(workdir),
+            cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    )
+    self.log: list[str] = []
+
+  def wait_for_line(self, text: str) -> None:
+    """Reads the log until a line contains TEXT: a state the trainer reports."""
+    for line in self.proc.stderr:
+      self.log.append(line)
+      if text in line:
+        return
+    raise AssertionError(f"the trainer ended without logging {text!r}:\n{''.join(self.log[-30:])}")
+
+  def wait_for_checkpoint(self, step: int) -> None:
+    """Polls for checkpoint STEP's directory (orbax renames it into place
+    once complete); stderr is drained meanwhile, so the trainer never blocks
+    on a full pipe."""
+    drain = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
+    drain.start()
+    while not (self.workdir / "checkpoints" / str(step)).is_dir():
+      assert self.proc.poll() is None, "".join(self.log[-30:])
+      time.sleep(0.02)
+
+  def finish(self) -> tuple[int, str, str]:
+    stdout, stderr = self.proc.communicate()
+    return self.proc.returncode, stdout, "".join(self.log) + (stderr or "")
+
+
+def final_variables(workdir):
   state, step = checkpoint.read_checkpoint(str(workdir / "checkpoints"))
   return state["params"], state["batch_stats"], step
 
 
-def test_sigkill_then_rerun_is_bitwise_identical(tmp_path):
-  args = [
-      "--config.num_train_steps=24",
-      "--config.checkpoint_every_steps=4",
-      f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}",
-  ]
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
-  proc = start_main([*args, f"--workdir={straight}"])
-  assert proc.wait(timeout=300) == 0, proc.communicate()[1][-2000:]
+def test_preemption_and_sigkill_then_rerun_end_bitwise_identical(tmp_path):
+  """SIGTERM checkpoints at a step boundary and exits 0; a rerun resumes;
+  SIGKILL, possibly mid-step or mid-save, loses only the steps since the last
+  checkpoint; the rerun after it ends bitwise where an uninterrupted run does."""
+  straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+  with contextlib.ExitStack() as stack:
+    code, _, log = Main(straight, stack).finish()
+    assert code == 0, log[-2000:]
 
-  kill_after = int(np.random.default_rng().choice([4, 8, 12, 16]))
-  proc = start_main([*args, f"--workdir={killed}"])
-  wait_for_checkpoint(killed, kill_after, proc)
-  proc.kill()  # SIGKILL: no handler runs, possibly mid-step or mid-save.
-  proc.wait()
-  proc = start_main([*args, f"--workdir={killed}"])
-  _, stderr = proc.communicate(timeout=300)
-  assert proc.returncode == 0, stderr[-2000:]
-  assert "Resumed from" in stderr
+    run = Main(interrupted, stack)
+    run.wait_for_line("Training ")  # Logged once the signal handler is in place.
+    run.proc.send_signal(signal.SIGTERM)
+    code, stdout, log = run.finish()
+    assert code == 0, log[-2000:]
+    preempted = json.loads(stdout.strip().splitlines()[-1])["preempted_at_step"]
+    assert 1 <= preempted < STEPS
+    assert checkpoint_steps(interrupted / "checkpoints")[-1] == preempted
 
-  a, b = final_params(straight), final_params(killed)
-  assert a[2] == b[2] == 24
+    run = Main(interrupted, stack)
+    run.wait_for_line(f"Resumed from {interrupted / 'checkpoints'} at step {preempted}.")
+    # The first checkpoint of this run, then SIGKILL: no handler runs.
+    run.wait_for_checkpoint(preempted // 4 * 4 + 4)
+    run.proc.kill()
+    run.proc.wait()
+
+    code, _, log = Main(interrupted, stack).finish()
+    assert code == 0, log[-2000:]
+    assert "Resumed from" in log
+  a, b = final_variables(straight), final_variables(interrupted)
+  assert a[2] == b[2] == STEPS
   jax.tree.map(np.testing.assert_array_equal, a[:2], b[:2])
 
 
-def test_sigterm_saves_at_step_boundary_and_resume_continues(tmp_path):
-  args = [
-      f"--workdir={tmp_path}",
-      "--config.num_train_steps=400",
-      "--config.checkpoint_every_steps=4",
-      f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}",
-  ]
-  proc = start_main(args)
-  wait_for_checkpoint(tmp_path, 4, proc)
-  proc.send_signal(signal.SIGTERM)
-  stdout, stderr = proc.communicate(timeout=120)
-  assert proc.returncode == 0, stderr[-2000:]
-  preempted = int(stdout.strip().splitlines()[-1].split(":")[1].strip(" }"))
-  assert 4 <= preempted < 400
-  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=3, read_only=True)
-  assert ckpt.latest_step() == preempted
-
-  # Four more steps (a different schedule length, which resume allows).
-  proc = start_main([*args[:1], f"--config.num_train_steps={preempted + 4}", *args[2:]])
-  _, stderr = proc.communicate(timeout=300)
-  assert proc.returncode == 0, stderr[-2000:]
-  assert f"at step {preempted}." in stderr  # "Resumed from ... at step N."
-
-
 @pytest.fixture(scope="module")
-def eight_steps(tmp_path_factory):
-  """A run with good checkpoints at steps 4 and 8."""
-  workdir = tmp_path_factory.mktemp("eight")
-  train.train_and_evaluate(tiny_config(), str(workdir))
+def finished(tmp_path_factory):
+  """A finished run: good checkpoints at steps 16, 20 and 24 (the last 3)."""
+  workdir = tmp_path_factory.mktemp("finished")
+  train.train_and_evaluate(config(), str(workdir))
   return workdir
 
 
@@ -113,17 +137,17 @@ def remove_metadata(step_dir: pathlib.Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [truncate_largest_file, remove_metadata])
-def test_corrupt_latest_checkpoint_falls_back_to_previous(eight_steps, tmp_path, damage):
+def test_corrupt_latest_checkpoint_falls_back_to_previous(finished, tmp_path, damage):
   workdir = tmp_path / "run"
-  shutil.copytree(eight_steps, workdir)
-  damage(workdir / "checkpoints" / "8")
-  results = train.train_and_evaluate(tiny_config(num_train_steps=12), str(workdir))
-  assert results["step"] == 12
-  assert (workdir / "checkpoints_corrupt" / "8").is_dir()  # Kept for inspection.
-  assert checkpoint_steps(workdir / "checkpoints") == [4, 8, 12]
-  # The re-trained step 8 equals the original one: resume was from step 4.
-  original = checkpoint.read_checkpoint(str(eight_steps / "checkpoints"), 8)[0]
-  again = checkpoint.read_checkpoint(str(workdir / "checkpoints"), 8)[0]
+  shutil.copytree(finished, workdir)
+  damage(workdir / "checkpoints" / str(STEPS))
+  results = train.train_and_evaluate(config(), str(workdir))
+  assert results["step"] == STEPS
+  assert (workdir / "checkpoints_corrupt" / str(STEPS)).is_dir()  # Kept for inspection.
+  assert checkpoint_steps(workdir / "checkpoints") == [16, 20, 24]
+  # The re-trained last step equals the original one: resume was from step 20.
+  original = checkpoint.read_checkpoint(str(finished / "checkpoints"), STEPS)[0]
+  again = checkpoint.read_checkpoint(str(workdir / "checkpoints"), STEPS)[0]
   jax.tree.map(np.testing.assert_array_equal, original["params"], again["params"])
 
 
@@ -142,19 +166,17 @@ def poison_step(monkeypatch, poisoned_step: int) -> None:
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   poison_step(monkeypatch, 6)
-  config = tiny_config(num_train_steps=12)
   with pytest.raises(
       errors.NonFiniteError,
       match=r"at step 6; stopped at step 8\. Last good checkpoint: .*/checkpoints/4",
   ):
-    train.train_and_evaluate(config, str(tmp_path))
+    train.train_and_evaluate(config(), str(tmp_path))
   assert checkpoint_steps(tmp_path / "checkpoints") == [4]
 
 
 def test_skip_nonfinite_updates_keeps_training(tmp_path, monkeypatch):
   poison_step(monkeypatch, 6)
-  config = tiny_config(num_train_steps=12, skip_nonfinite_updates=True)
-  results = train.train_and_evaluate(config, str(tmp_path))
-  assert results["step"] == 12 and np.isfinite(results["loss"])
-  params, _, _ = final_params(tmp_path)
+  results = train.train_and_evaluate(config(skip_nonfinite_updates=True), str(tmp_path))
+  assert results["step"] == STEPS and np.isfinite(results["loss"])
+  params, _, _ = final_variables(tmp_path)
   assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))

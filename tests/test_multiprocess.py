@@ -1,12 +1,17 @@
-"""Multi-process training: 2 processes x 2 CPU devices against 1 process x 4.
+"""Multi-process training: 2 processes x 2 CPU devices against 1 process x 4,
+in float64.
 
 Both runs build the same 4-device mesh and see the same global batches, so
-they must train the same model: only the order of float sums differs.
+they must train the same model: only the order of float sums differs, which
+float64 keeps far below the tolerance (see test_device_layouts.py for the
+measured spread and the ratio). The negative control: the same 1 x 4 run
+with one device's shard arriving as zeros (config.testing.fault) must be
+told apart from the 2 x 2 run by the same comparison.
 """
 
+import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,35 +21,24 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, SMOKE_CONFIG, checkpoint_steps, run_main
+from conftest import REPO, SMOKE_CONFIG, checkpoint_steps, run_main, started, worst_ratio
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]
 
-TIMEOUT_S = 600
-# Checkpoints at steps 2 and 4; step 2 is compared. The warmup makes the
-# step-1 learning rate 0, so both gradients of step 2 are taken at the initial
-# parameters. Later steps are not comparable: this model's gradient moves ~1 %
-# when its parameters move 1e-7 (relative), so summation-order differences
-# between any two device layouts (1 vs 4 devices in one process as well) grow
-# to percent level by step 4.
+TIMEOUT_S = 400
 TRAIN_FLAGS = [
     f"--config={SMOKE_CONFIG}",
     "--config.num_train_steps=4",
     "--config.checkpoint_every_steps=2",
     "--config.log_every_steps=2",
-    "--config.optimizer.warmup_epochs=0.5",
+    "--config.model.dtype=float64",
 ]
-COMPARED_STEP = 2
+TOLERANCE = 1e-9  # As test_device_layouts.py's float64 comparison.
 
 
-def launch_two_processes(workdir: str, log: str) -> subprocess.Popen:
-  """`launch.local` with 2 processes x 2 CPU devices, in the background."""
-  env = dict(
-      os.environ,
-      JAX_PLATFORMS="cpu",
-      PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-  )
-  command = [
+def launch_two_processes(workdir: str) -> list[str]:
+  """`launch.local` with 2 processes x 2 CPU devices."""
+  return [
       sys.executable,
       "-m",
       "launch.local",
@@ -54,32 +48,22 @@ def launch_two_processes(workdir: str, log: str) -> subprocess.Popen:
       *TRAIN_FLAGS,
       f"--workdir={workdir}",
   ]
-  with open(log, "w") as f:
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
-def wait(proc: subprocess.Popen, log: str, timeout: float) -> None:
-  try:
-    proc.wait(timeout=max(timeout, 1))
-  except subprocess.TimeoutExpired:
-    # A second signal makes the launcher kill its processes.
-    for _ in range(2):
-      proc.send_signal(signal.SIGTERM)
-      time.sleep(2)
-    proc.wait(60)
-  with open(log) as f:
-    output = f.read()
-  assert proc.returncode == 0, f"launch.local exited {proc.returncode}:\n{output[-5000:]}"
-
-
-def restore(workdir: str, step: int) -> dict:
-  """WORKDIR's checkpoint of `step`, as arrays on this process's one device."""
+def restore(workdir: str, step: int) -> dict[str, np.ndarray]:
+  """params and batch_stats of WORKDIR's checkpoint of `step`, as
+  {"params/stem/kernel": array}."""
   path = os.path.join(workdir, "checkpoints", str(step), "default")
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(path).item_metadata.tree
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-  return checkpointer.restore(path, target)
+  state = checkpointer.restore(path, target)
+  tree = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  return {
+      "/".join(str(k.key) for k in path): np.asarray(leaf)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def read_results(workdir: str) -> dict:
@@ -89,58 +73,72 @@ def read_results(workdir: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """(two-process workdir, one-process workdir), trained concurrently."""
+  """Workdirs of the 2-process run, the 1-process run and its faulty twin;
+  the single-process runs train while the 2 processes do."""
   multi = str(tmp_path_factory.mktemp("two_processes"))
   single = str(tmp_path_factory.mktemp("one_process"))
-  log = os.path.join(multi, "launch.log")
+  faulty = str(tmp_path_factory.mktemp("one_process_drop_shard"))
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  log_path = os.path.join(multi, "launch.log")
   start = time.time()
-  proc = launch_two_processes(multi, log)
-  try:
+  with (
+      open(log_path, "w") as log,
+      started(
+          launch_two_processes(multi), multi, cwd=REPO, env=env, stdout=log, stderr=log
+      ) as proc,
+  ):
     run_main([*TRAIN_FLAGS, f"--workdir={single}"], devices=4, timeout=TIMEOUT_S)
-  finally:
-    wait(proc, log, TIMEOUT_S - (time.time() - start))
-  return multi, single
+    run_main(
+        [*TRAIN_FLAGS, "--config.testing.fault=drop_shard", f"--workdir={faulty}"],
+        devices=4,
+        timeout=TIMEOUT_S,
+    )
+    with contextlib.suppress(subprocess.TimeoutExpired):  # Then killed: its log tells.
+      proc.wait(timeout=max(TIMEOUT_S - (time.time() - start), 1))
+  with open(log_path) as f:
+    output = f.read()
+  assert proc.returncode == 0, f"launch.local exited {proc.returncode}:\n{output[-5000:]}"
+  return multi, single, faulty
 
 
 def test_two_processes_train_like_one(runs):
-  multi, single = runs
-  a, b = restore(multi, COMPARED_STEP), restore(single, COMPARED_STEP)
-  assert int(a["step"]) == int(b["step"]) == COMPARED_STEP
-  # Summation order moves values by up to ~5e-6; steps 2 -> 4 move them by
-  # 0.2 to 1 (max per leaf), so a wrong gradient or statistic cannot hide.
-  for collection in ("params", "batch_stats"):
-    jax.tree_util.tree_map_with_path(
-        lambda path, x, y: np.testing.assert_allclose(
-            x, y, rtol=1e-4, atol=5e-5, err_msg=jax.tree_util.keystr(path)
-        ),
-        a[collection],
-        b[collection],
-    )
+  multi, single, faulty = runs
+  reference, before = restore(single, 4), restore(single, 2)
+  update = {name: float(np.max(np.abs(reference[name] - before[name]))) for name in reference}
+  ratio, array = worst_ratio(restore(multi, 4), reference, update)
+  assert ratio < TOLERANCE, f"{array} is {ratio:.3g} of its update away"
+  # The negative control: a lost shard is seen.
+  ratio, array = worst_ratio(restore(faulty, 4), reference, update)
+  assert ratio > TOLERANCE, f"a dropped shard went unnoticed (worst: {array}, {ratio:.3g})"
 
 
 def test_every_checkpoint_written(runs):
-  multi, _ = runs
-  steps = checkpoint_steps(os.path.join(multi, "checkpoints"))
-  assert steps == [2, 4]
+  multi, _, _ = runs
+  assert checkpoint_steps(os.path.join(multi, "checkpoints")) == [2, 4]
   assert read_results(multi)["step"] == 4
 
 
 def test_eval_sees_every_example_once(runs, tmp_path):
   """Evaluating the 2-process run's checkpoint in one process gives the same
   metrics: the two processes' padded eval shards cover the test set exactly."""
-  multi, _ = runs
+  multi, _, _ = runs
   results = read_results(multi)
   assert results["num_examples"] == 360
   run_main(
       [
           f"--config={SMOKE_CONFIG}",
-          f"--workdir={tmp_path}",
+          f"--workdir={os.path.join(multi, 'eval')}",
           "--mode=eval",
           f"--config.checkpoint_path={multi}/checkpoints",
+          "--config.model.dtype=float64",
       ],
       devices=4,
   )
-  evaluated = read_results(str(tmp_path))
-  assert evaluated["step"] == 4
+  evaluated = read_results(os.path.join(multi, "eval"))
+  assert evaluated["step"] == 4 and evaluated["num_examples"] == 360
   assert evaluated["top1"] == results["top1"]
-  np.testing.assert_allclose(evaluated["loss"], results["loss"], rtol=1e-5)
+  np.testing.assert_allclose(evaluated["loss"], results["loss"], rtol=1e-9)

@@ -1,11 +1,13 @@
-"""End-to-end training on digits: learning, checkpoints, eval, devices, imports."""
+"""End-to-end training on digits: learning, checkpoints, eval, imports.
+
+The device-layout equivalences (1 vs 4 devices, restoring onto another
+device count) are in test_device_layouts.py and test_multiprocess.py."""
 
 import json
 import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -13,7 +15,8 @@ from mnv2_flax import checkpoint, train
 
 from conftest import REPO, SMOKE_CONFIG, checkpoint_steps, run_main, tiny_config
 
-pytestmark = pytest.mark.slow
+# One worker: the tests share the trained fixture.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train")]
 
 
 def read_variables(workdir, step=None):
@@ -69,37 +72,12 @@ def test_eval_mode_subprocess_on_four_devices(trained, tmp_path):
       devices=4,
   )
   evaluated = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert evaluated["num_examples"] == 360
-  assert evaluated["top1"] == pytest.approx(results["top1"], abs=1e-9)
+  assert evaluated["num_examples"] == 360  # Every example once: none lost, none twice.
+  # float32 sums in another order: the loss moves by rounding, and an image
+  # whose top two logits tie to rounding may flip (at most one, allowed).
+  assert abs(evaluated["top1"] - results["top1"]) <= 1 / 360 + 1e-9
   assert evaluated["loss"] == pytest.approx(results["loss"], rel=1e-5)
   assert json.loads((tmp_path / "results.json").read_text())["step"] == 240
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_four_devices_match_one_device(tmp_path, seed):
-  # Compared at step 2: warmup makes step 1's lr zero, so both updates use
-  # gradients at the initial parameters. With zero-initialised residual
-  # scales (the default) a 1e-7 relative change of the parameters moves the
-  # gradient by ~0.04 % at init (1.3 % without), so float reordering across
-  # devices stays at rounding size for every seed, not only a lucky one.
-  args = [
-      f"--config={SMOKE_CONFIG}",
-      "--config.num_train_steps=2",
-      "--config.checkpoint_every_steps=2",
-      f"--config.seed={seed}",
-  ]
-  run_main([*args, f"--workdir={tmp_path / 'one'}"], devices=1)
-  run_main([*args, f"--workdir={tmp_path / 'four'}"], devices=4)
-  one, _ = read_variables(str(tmp_path / "one"))
-  four, _ = read_variables(str(tmp_path / "four"))
-  # Same global batch and globally reduced BatchNorm statistics: only the
-  # order of floating-point reductions differs.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), one, four)
-  if seed == 0:  # A 4-device checkpoint evaluates on 1 device.
-    evaluated = train.evaluate(
-        tiny_config(checkpoint_path=str(tmp_path / "four" / "checkpoints")), str(tmp_path / "eval")
-    )
-    assert evaluated["num_examples"] == 360 and evaluated["step"] == 2
 
 
 def test_rerunning_the_command_resumes(tmp_path):

@@ -1,0 +1,133 @@
+"""Trains the smoke config on several device layouts in one process and
+reports how far each run's weights are from the 1-device run's, relative to
+their own updates (conftest.worst_ratio).
+
+  python tests/layout_worker.py --dtype=float64 --steps=3 --seeds=0,1,2 --restore --out=FILE
+
+Run by tests/test_device_layouts.py in a subprocess with 4 CPU devices (and,
+for float64, jax_enable_x64, which is process-wide). Every run goes through
+the trainer's own `train.setup`, `Setup.shard` and compiled step, on a mesh
+of 1 or of 4 of the process's devices; the seed is an argument of the
+compiled functions, so one compilation serves every seed.
+
+Runs per seed: "1 device" (the reference), "4 devices", the two faults of
+config.testing.fault on 4 devices (which the comparison must catch), and
+with --restore "restored on 4 devices": the reference's weights after
+--steps steps saved to an orbax checkpoint, restored onto 4 devices and
+trained one more step, against the reference's own next step (each
+array's update is still its change over the first --steps steps). FILE
+gets, per seed and run, the worst array's ratio and its name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+# Four CPU devices, and the tests' compilation cache: before JAX is imported.
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import tiny_config, worst_ratio  # noqa: E402, I001
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mnv2_flax import checkpoint, train  # noqa: E402
+
+
+def variables(state: train.TrainState) -> dict[str, np.ndarray]:
+  """ "params/stem/kernel" -> value, for params and batch_stats."""
+  tree = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+  return {
+      "/".join(str(k.key) for k in path): np.asarray(leaf)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def updates(reference: dict, initial: dict) -> dict[str, float]:
+  """Each array's update: max |reference - initial value|."""
+  return {name: float(np.max(np.abs(reference[name] - initial[name]))) for name in reference}
+
+
+class Run:
+  """One training run of a set-up (sharing its compiled steps with others)."""
+
+  def __init__(self, s: train.Setup):
+    self.setup = s
+    self.state = s.init_state()
+    self.batches = s.dataset.train_batches(0)
+
+  def train(self, steps: int) -> dict[str, np.ndarray]:
+    for _ in range(steps):
+      self.state, _ = self.setup.train_step(self.state, self.setup.shard(next(self.batches)))
+    return variables(self.state)
+
+
+class Layouts:
+  """The set-ups of the compared layouts, compiled once for every seed."""
+
+  def __init__(self, dtype: str):
+    self.dtype = dtype
+    self.compiled: dict[str, train.Setup] = {}
+
+  def setup(self, name: str, seed: int, devices: int, fault: str = "") -> train.Setup:
+    config = tiny_config(**{"seed": seed, "model.dtype": self.dtype, "testing.fault": fault})
+    s = train.setup(config, train.create_mesh(jax.devices()[:devices]))
+    if name in self.compiled:  # Another seed: the same compiled functions.
+      s = s.replace(init=self.compiled[name].init, step=self.compiled[name].step)
+    self.compiled.setdefault(name, s)
+    return s
+
+  def compare(self, seed: int, steps: int, restore: bool) -> dict[str, tuple[float, str]]:
+    one, four = self.setup("one", seed, 1), self.setup("four", seed, 4)
+    reference = Run(one)
+    initial = variables(reference.state)
+    expected = reference.train(steps)
+    update = updates(expected, initial)
+    results = {"4 devices": worst_ratio(Run(four).train(steps), expected, update)}
+    # The shard is dropped on the host: the same compiled step.
+    dropped = Run(four.replace(fault="drop_shard"))
+    results["4 devices, drop_shard"] = worst_ratio(dropped.train(steps), expected, update)
+    # A model of its own.
+    per_device = Run(self.setup("per_device", seed, 4, "batch_stats_per_device"))
+    results["4 devices, batch_stats_per_device"] = worst_ratio(
+        per_device.train(steps), expected, update
+    )
+    if not restore:
+      return results
+
+    # The 1-device weights restored from a checkpoint onto 4 devices, trained on.
+    with tempfile.TemporaryDirectory() as directory:
+      ckpt = checkpoint.Checkpointer(directory, keep=1)
+      ckpt.save(steps, reference.state)
+      ckpt.wait()
+      restored = Run(four)
+      restored.state, _ = ckpt.restore(train.abstract_state(four))
+      ckpt.close()
+    restored.batches = four.dataset.train_batches(steps)
+    assert worst_ratio(variables(restored.state), expected, update)[0] == 0, "restore changed them"
+    results["restored on 4 devices"] = worst_ratio(restored.train(1), reference.train(1), update)
+    return results
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--dtype", choices=("float32", "float64"), required=True)
+  parser.add_argument("--steps", type=int, required=True)
+  parser.add_argument("--seeds", required=True, help="Comma-separated.")
+  parser.add_argument("--restore", action="store_true", help="Also restore onto 4 devices.")
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args()
+  jax.config.update("jax_enable_x64", args.dtype == "float64")
+  layouts = Layouts(args.dtype)
+  seeds = [int(s) for s in args.seeds.split(",")]
+  results = {f"seed={s}": layouts.compare(s, args.steps, args.restore) for s in seeds}
+  with open(args.out, "w") as f:
+    json.dump(results, f)
+
+
+if __name__ == "__main__":
+  main()
