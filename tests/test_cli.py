@@ -13,6 +13,9 @@ from mnv2_flax import main as cli
 
 from conftest import run_main, tiny_config
 
+# One worker: the tests share the compiled wide_setup.
+pytestmark = pytest.mark.xdist_group("cli")
+
 IMAGENET = "--config=configs/imagenet.py"
 
 

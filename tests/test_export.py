@@ -29,7 +29,9 @@ from digits_model import (
     trained_digits,
 )
 
-pytestmark = pytest.mark.slow  # Every test needs an export (seconds each).
+# Every test needs an export (seconds each); one worker shares them with
+# test_predict.py (digits_model caches them per process).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("export")]
 pytest.importorskip("tensorflow")
 
 LOGIT_TOLERANCE = 1e-4  # The bound for SavedModel and float TFLite (and ONNX).

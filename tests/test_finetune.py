@@ -14,6 +14,9 @@ from mnv2_flax.errors import ConfigError
 
 from conftest import tiny_config
 
+# One worker: the tests share the image folder and pretrained fixtures.
+pytestmark = pytest.mark.xdist_group("finetune")
+
 FOLDER_CLASSES = ("field", "forest", "river")
 
 

@@ -10,6 +10,9 @@ from flax import linen as nn
 
 from mnv2_flax import layers, models
 
+# One worker: the tests share the compiled small_model.
+pytestmark = pytest.mark.xdist_group("models")
+
 
 def count(tree) -> int:
   return sum(x.size for x in jax.tree.leaves(tree))
@@ -147,7 +150,7 @@ def test_zero_init_residual_starts_each_residual_branch_as_the_identity():
         residual=residual,
         zero_init_residual=True,
     )
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
     zeroed = {
         name
         for name, block in params.items()
@@ -239,6 +242,7 @@ def test_bfloat16_compute_keeps_float32_params(small_model):
   np.testing.assert_allclose(logits, model.apply(variables, x, train=False), atol=0.1, rtol=0.1)
 
 
+@pytest.mark.slow  # Two compilations of the model's gradient.
 def test_remat_recomputes_the_same_step(small_model):
   # Per-block rematerialisation trades memory for compute; the loss, the
   # gradients and the new running statistics must not change (beyond

@@ -26,13 +26,17 @@ from conftest import REPO, SMOKE_CONFIG, checkpoint_steps, run_main, started, wo
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]
 
 TIMEOUT_S = 400
+# configs/smoke.py (8 steps) in float64, so that the 1 x 4 runs share their
+# compiled steps with test_device_layouts.py's; step 4 is compared, its
+# update being the change from step 2 (rounding differences grow with every
+# step, ~4x each here: compared at step 8 they reach 1e-6 of an update).
 TRAIN_FLAGS = [
     f"--config={SMOKE_CONFIG}",
-    "--config.num_train_steps=4",
-    "--config.checkpoint_every_steps=2",
-    "--config.log_every_steps=2",
     "--config.model.dtype=float64",
+    "--config.checkpoint_every_steps=2",
+    "--config.keep_checkpoints=4",
 ]
+COMPARED, BEFORE = 4, 2
 TOLERANCE = 1e-9  # As test_device_layouts.py's float64 comparison.
 
 
@@ -107,19 +111,21 @@ def runs(tmp_path_factory):
 
 def test_two_processes_train_like_one(runs):
   multi, single, faulty = runs
-  reference, before = restore(single, 4), restore(single, 2)
+  reference, before = restore(single, COMPARED), restore(single, BEFORE)
   update = {name: float(np.max(np.abs(reference[name] - before[name]))) for name in reference}
-  ratio, array = worst_ratio(restore(multi, 4), reference, update)
+  ratio, array = worst_ratio(restore(multi, COMPARED), reference, update)
+  print(f"2 x 2 against 1 x 4: {ratio:.3g} ({array})")
   assert ratio < TOLERANCE, f"{array} is {ratio:.3g} of its update away"
   # The negative control: a lost shard is seen.
-  ratio, array = worst_ratio(restore(faulty, 4), reference, update)
+  ratio, array = worst_ratio(restore(faulty, COMPARED), reference, update)
+  print(f"1 x 4 with a dropped shard: {ratio:.3g} ({array})")
   assert ratio > TOLERANCE, f"a dropped shard went unnoticed (worst: {array}, {ratio:.3g})"
 
 
 def test_every_checkpoint_written(runs):
   multi, _, _ = runs
-  assert checkpoint_steps(os.path.join(multi, "checkpoints")) == [2, 4]
-  assert read_results(multi)["step"] == 4
+  assert checkpoint_steps(os.path.join(multi, "checkpoints")) == [2, 4, 6, 8]
+  assert read_results(multi)["step"] == 8
 
 
 def test_eval_sees_every_example_once(runs, tmp_path):
@@ -139,6 +145,6 @@ def test_eval_sees_every_example_once(runs, tmp_path):
       devices=4,
   )
   evaluated = read_results(os.path.join(multi, "eval"))
-  assert evaluated["step"] == 4 and evaluated["num_examples"] == 360
+  assert evaluated["step"] == 8 and evaluated["num_examples"] == 360
   assert evaluated["top1"] == results["top1"]
   np.testing.assert_allclose(evaluated["loss"], results["loss"], rtol=1e-9)

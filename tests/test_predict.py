@@ -17,6 +17,9 @@ from mnv2_flax import export, predict
 from conftest import REPO
 from digits_model import exported_digits, exported_random, has_module, trained_digits
 
+# One worker with test_export.py: they share digits_model's models and exports.
+pytestmark = pytest.mark.xdist_group("export")
+
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):

@@ -10,6 +10,9 @@ from mnv2_flax import sensitivity
 
 from conftest import REPO, SMOKE_CONFIG, tiny_config
 
+# One worker: the command line then finds the fixture's compiled functions.
+pytestmark = pytest.mark.xdist_group("sensitivity")
+
 
 @pytest.fixture(scope="module")
 def measured():

@@ -14,7 +14,7 @@ import pytest
 
 from launch import report, sweep, sweep_lib
 
-from conftest import CACHE_DIR, REPO, started
+from conftest import CACHE_DIR, REPO, processes_mentioning, started
 
 # Two points: one trains; one fails at run time (no checkpoint to start from),
 # after passing the checks made before anything runs.
@@ -67,11 +67,8 @@ def wait_for(condition, timeout):
 def test_killed_sweep_resumes_on_slurm_and_reports_failures(tmp_path):
   sweep_file, workdir = tmp_path / "sweep.py", tmp_path / "sweep"
   sweep_file.write_text(SWEEP)
-  # Long enough (about 3 s of steps) that the signal, sent as soon as the
-  # run reports its handler in place, always finds it training.
-  flags = ["--", f"--config.compilation_cache_dir={CACHE_DIR}", "--config.num_train_steps=200"]
-  flags.append("--config.checkpoint_every_steps=100")
-  args = [f"--sweep={sweep_file}", f"--workdir={workdir}", *flags]
+  # configs/smoke.py as it is: 8 steps.
+  args = [f"--sweep={sweep_file}", f"--workdir={workdir}", "--", RUN_FLAGS[-1]]
   good, bad = workdir / GOOD / "seed=0", workdir / BAD / "seed=0"
   with started(
       launcher(*args),
@@ -82,12 +79,20 @@ def test_killed_sweep_resumes_on_slurm_and_reports_failures(tmp_path):
       stderr=subprocess.PIPE,
       text=True,
   ) as proc:
-    # The trainer logs this once its SIGTERM handler is installed.
-    wait_for(lambda: "Training 200 steps" in log_text(good), timeout=240)
+    # The trainer logs this once its SIGTERM handler is installed; it is then
+    # frozen (SIGSTOP) so that it cannot finish before the launcher has
+    # relayed the signal, which it says on stdout; SIGCONT delivers it.
+    wait_for(lambda: "Training 8 steps" in log_text(good), timeout=240)
+    (trainer,) = processes_mentioning(f"--workdir={good}")
+    os.kill(trainer, signal.SIGSTOP)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    said = [proc.stdout.readline()]
+    while not said[-1].rstrip().endswith("stopping: the runs checkpoint and exit"):
+      assert said[-1], f"the launcher ended without relaying the signal: {said}"
+      said.append(proc.stdout.readline())
+    os.kill(trainer, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
   assert proc.returncode == sweep.EXIT_UNFINISHED, err
-  assert "stopping: the runs checkpoint and exit" in out
   assert sweep_lib.run_state(str(good)) == sweep_lib.PENDING  # Checkpointed, resumable.
   assert sweep_lib.run_state(str(bad)) == sweep_lib.PENDING  # Never started.
   assert (attempts(good), attempts(bad)) == (1, 0)
@@ -114,7 +119,7 @@ def test_killed_sweep_resumes_on_slurm_and_reports_failures(tmp_path):
   assert failure["exit_code"] == 2 and failure["attempts"] == 1
   assert "error: no checkpoint in no_such_checkpoint" in failure["log_tail"]
   results = json.loads((good / sweep_lib.RESULTS_FILE).read_text())
-  assert results["step"] == 200 and results["num_params"] > 0 and results["macs"] > 0
+  assert results["step"] == 8 and results["num_params"] > 0 and results["macs"] > 0
   manifest = json.loads((workdir / sweep_lib.MANIFEST_FILE).read_text())
   assert len(manifest["launches"]) == 2 and manifest["seeds"] == [0]
 
@@ -128,8 +133,8 @@ def test_killed_sweep_resumes_on_slurm_and_reports_failures(tmp_path):
 
   # The trainer's (clu's) event files, read back as the report does.
   curves = report.read_scalars(str(good), ["eval_top1", "loss"])
-  assert curves["eval_top1"] == {200: pytest.approx(results["top1"])}
-  assert 200 in curves["loss"]
+  assert curves["eval_top1"] == {8: pytest.approx(results["top1"])}
+  assert 8 in curves["loss"]
 
   # Another sweep in the same workdir is refused before anything runs.
   sweep_file.write_text(SWEEP.replace('"linear"', '"relu6"'))

@@ -13,10 +13,12 @@ import pytest
 
 from mnv2_flax import checkpoint, train
 
+import digits_model
 from conftest import REPO, SMOKE_CONFIG, checkpoint_steps, run_main, tiny_config
 
-# One worker: the tests share the trained fixture.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train")]
+# One worker with test_export.py and test_predict.py: the digits model is
+# trained once for all three.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("export")]
 
 
 def read_variables(workdir, step=None):
@@ -26,13 +28,12 @@ def read_variables(workdir, step=None):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("digits"))
-  config = tiny_config(
-      **{"num_train_steps": 240, "log_every_steps": 40, "checkpoint_every_steps": 120}
-  )
-  results = train.train_and_evaluate(config, workdir)
-  return config, workdir, results
+def trained():
+  """(config, workdir, results) of the digits model the export and predict
+  tests use too (tests/digits_model.py: configs/smoke.py for 300 steps, one
+  checkpoint at the end). Its workdir is a cache: only read here."""
+  checkpoints, results = digits_model.trained_digits()
+  return digits_model.training_config(), os.path.dirname(checkpoints), results
 
 
 def test_training_learns_digits(trained):
@@ -40,24 +41,26 @@ def test_training_learns_digits(trained):
   assert results["top1"] > 0.6  # Chance is 0.1.
   assert results["top5"] >= results["top1"]
   assert results["num_examples"] == 360  # Every test example, none dropped.
-  assert results["step"] == 240
+  assert results["step"] == digits_model.STEPS
   with open(os.path.join(workdir, "results.json")) as f:
     saved = json.load(f)
   assert set(saved) >= {"top1", "top5", "loss", "num_examples", "step", "wall_clock_s"}
   assert saved["top1"] == results["top1"]
-  assert checkpoint_steps(os.path.join(workdir, "checkpoints")) == [120, 240]
+  assert checkpoint_steps(os.path.join(workdir, "checkpoints")) == [digits_model.STEPS]
   settings = checkpoint.read_settings(os.path.join(workdir, "checkpoints"))
   assert settings["class_names"] == [str(i) for i in range(10)]
   assert settings["config"]["model.width_multiplier"] == 0.35
   assert settings["config"]["dataset.image_size"] == 16
 
 
-def test_restore_and_evaluate_gives_identical_metrics(trained):
-  config, workdir, results = trained
-  evaluated = train.evaluate(config, workdir)
+def test_restore_and_evaluate_gives_identical_metrics(trained, tmp_path):
+  _, workdir, results = trained
+  config = digits_model.training_config()
+  config.checkpoint_path = os.path.join(workdir, "checkpoints")
+  evaluated = train.evaluate(config, str(tmp_path))
   for key in ("top1", "top5", "loss", "num_examples"):
     assert evaluated[key] == results[key], key
-  assert evaluated["step"] == 240
+  assert evaluated["step"] == digits_model.STEPS
 
 
 def test_eval_mode_subprocess_on_four_devices(trained, tmp_path):
@@ -77,7 +80,7 @@ def test_eval_mode_subprocess_on_four_devices(trained, tmp_path):
   # whose top two logits tie to rounding may flip (at most one, allowed).
   assert abs(evaluated["top1"] - results["top1"]) <= 1 / 360 + 1e-9
   assert evaluated["loss"] == pytest.approx(results["loss"], rel=1e-5)
-  assert json.loads((tmp_path / "results.json").read_text())["step"] == 240
+  assert json.loads((tmp_path / "results.json").read_text())["step"] == digits_model.STEPS
 
 
 def test_rerunning_the_command_resumes(tmp_path):
@@ -129,7 +132,8 @@ def test_checkpoint_from_another_model_names_the_shapes(trained, tmp_path):
   # Without its settings file (as checkpoints written before 2026-12-01).
   bare = tmp_path / "bare"
   os.makedirs(bare)
-  os.symlink(os.path.join(workdir, "checkpoints", "240"), bare / "240")
+  step = str(digits_model.STEPS)
+  os.symlink(os.path.join(workdir, "checkpoints", step), bare / step)
   config = tiny_config(**{"model.width_multiplier": 0.5, "checkpoint_path": str(bare)})
   with pytest.raises(
       checkpoint.CheckpointError,
