@@ -62,6 +62,7 @@ def finetune(image_root: str, pretrained: str, workdir: str, **overrides):
       **{
           "dataset.name": "imagefolder",
           "dataset.root": image_root,
+          "dataset.workers": 0,
           "checkpoint_path": pretrained,
           "global_batch_size": 4,
           "eval_batch_size": 6,
