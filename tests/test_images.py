@@ -4,8 +4,10 @@ the training crop, and DecodeError for every kind of broken file."""
 
 import io
 
+import cv2
 import numpy as np
 import pytest
+import simplejpeg
 from PIL import Image
 
 from mnv2_flax import export, images, predict
@@ -23,8 +25,10 @@ RGB = _smooth_rgb()
 GRAY_RGB = np.repeat(np.asarray(Image.fromarray(RGB).convert("L"))[:, :, None], 3, axis=2)
 # Alpha 0 over half the image: the colour stored under it must survive.
 ALPHA = np.where(np.arange(WIDTH) < WIDTH // 2, 0, 255).astype(np.uint8)[None].repeat(HEIGHT, 0)
-# A dark 16-bit image: values up to 4095 of 65535, i.e. 0..15 in 8 bits.
+# A dark 16-bit image: values up to 3836 of 65535, i.e. 0..14 in 8 bits.
 GRAY16 = (np.arange(HEIGHT * WIDTH).reshape(HEIGHT, WIDTH) * 4).astype(np.uint16)
+# 16-bit colour: every value's high byte is RGB's, its low byte arbitrary.
+RGB16 = RGB.astype(np.uint16) * 256 + np.arange(RGB.size, dtype=np.uint16).reshape(RGB.shape) % 256
 
 
 def _exif_rotated() -> Image.Exif:
@@ -72,6 +76,15 @@ def folder(tmp_path_factory):
     path = directory / name
     image.save(path, **kwargs)
     out[name] = (str(path), expected)
+  # Pillow writes no 16-bit colour: OpenCV does (BGR channel order).
+  for name, pixels, expected in (
+      ("rgb16.png", RGB16, RGB),
+      ("rgb16.tif", RGB16, RGB),
+      ("opencv.jpg", RGB, None),
+  ):
+    path = directory / name
+    assert cv2.imwrite(str(path), pixels[:, :, ::-1])
+    out[name] = (str(path), expected)
   return out
 
 
@@ -90,6 +103,41 @@ def test_every_format_decodes_by_the_rule(folder):
       source = GRAY_RGB if name.startswith("gray") else RGB
       error = np.abs(pixels.astype(int) - source).mean()
       assert error < 4, (name, error)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"subsampling": "4:4:4"},
+        {"subsampling": "4:2:2"},
+        {"subsampling": "4:2:0"},
+        {"subsampling": "4:2:0", "progressive": True},
+        {"subsampling": "4:2:0", "restart_marker_rows": 1},
+    ],
+)
+def test_jpeg_fast_path_gives_pillows_pixels(options):
+  # Odd sizes: the chroma upsampling's edges.
+  pixels = np.random.default_rng(0).integers(0, 256, (23, 37, 3), dtype=np.uint8)
+  pixels = cv2.GaussianBlur(pixels, (5, 5), 0)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format="JPEG", quality=90, **options)
+  data = buffer.getvalue()
+  simplejpeg.decode_jpeg(data, strict=True)  # The fast path takes it.
+  with Image.open(io.BytesIO(data)) as image:
+    expected = np.asarray(image.convert("RGB"))
+  np.testing.assert_array_equal(images.decode(data, 3), expected)
+
+
+def test_other_jpegs_give_pillows_pixels(folder):
+  # CMYK: libjpeg-turbo converts to RGB differently; Pillow's conversion is the rule.
+  cmyk = _read(folder["cmyk.jpg"][0])
+  # Bytes before the end marker, a recoverable error common in real datasets.
+  extra = _read(folder["baseline.jpg"][0])
+  extra = extra[:-2] + b"\0\0" + extra[-2:]
+  for data in (cmyk, extra):
+    with Image.open(io.BytesIO(data)) as image:
+      expected = np.asarray(image.convert("RGB"))
+    np.testing.assert_array_equal(images.decode(data, 3), expected)
 
 
 def test_one_channel_is_pillows_luma(folder):
@@ -161,19 +209,21 @@ def _png(pixels: np.ndarray) -> bytes:
 def test_resize_is_half_pixel_bilinear():
   rng = np.random.default_rng(0)
   pixels = rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)
-  # Halving samples the centre of each 2x2 block: their mean.
+  # Halving samples the centre of each 2x2 block: their mean, halves rounded up.
   blocks = pixels.reshape(4, 2, 6, 2, 3).astype(np.float64).mean(axis=(1, 3))
-  np.testing.assert_array_equal(images.resize_bilinear(pixels, 4, 6), np.rint(blocks))
+  np.testing.assert_array_equal(images.resize_bilinear(pixels, 4, 6), np.floor(blocks + 0.5))
   np.testing.assert_array_equal(images.resize_bilinear(pixels, 8, 12), pixels)
+  gray = images.resize_bilinear(pixels[:, :, :1], 4, 6)
+  np.testing.assert_array_equal(gray, np.floor(blocks[:, :, :1] + 0.5))
 
 
 def test_resize_matches_tensorflow():
   tf = pytest.importorskip("tensorflow")
   pixels = np.random.default_rng(0).integers(0, 256, (13, 9, 3), dtype=np.uint8)
-  for size in (4, 16):
+  for size in (4, 16):  # Down and up.
     expected = tf.image.resize(pixels, (size, size), method="bilinear").numpy()
     got = images.resize_bilinear(pixels, size, size).astype(np.float32)
-    np.testing.assert_allclose(got, expected, atol=0.5 + 1e-3)
+    np.testing.assert_allclose(got, expected, atol=0.51)  # Rounded to integers.
 
 
 def test_train_image_is_a_pure_function_of_the_rng_state(folder):
