@@ -184,7 +184,7 @@ class Preprocessing:
 
   def normalise(self, batch: data.Batch) -> data.Batch:
     """uint8 images -> float32 (x - mean) / std."""
-    return {**batch, "image": (batch["image"].astype(np.float32) - self.mean) / self.std}
+    return {**batch, "image": images.normalize(batch["image"], self.mean, self.std)}
 
   def blank(self) -> np.ndarray:
     return np.zeros((self.image_size, self.image_size, self.channels), np.uint8)
