@@ -9,11 +9,10 @@ imagenet2012 is mocked with real split metadata (`USE_FILES`) and an
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
+import json
 import logging
 import os
-import tarfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +23,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mnv2_flax import config_lib, data, datasets, folders, input_pipeline
+
+from image_files import encode, random_jpeg, run_without_tensorflow, write_imagenet_tars
 
 NUM_TRAIN, NUM_EVAL = 36, 13  # 36 // 8 = 4 steps per epoch; 13 pads eval.
 IMAGE_SIZE = 32
@@ -49,16 +50,6 @@ def create(config: ml_collections.ConfigDict, process_index: int = 0, process_co
   return datasets.create_dataset(
       config, process_index=process_index, process_count=process_count, **kw
   )
-
-
-def encode(pixels: np.ndarray, fmt: str = "JPEG", **params: Any) -> bytes:
-  out = io.BytesIO()
-  Image.fromarray(pixels).save(out, fmt, **params)
-  return out.getvalue()
-
-
-def random_jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
-  return encode(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def write_split_metadata(data_dir: str, name: str, sizes: dict[str, int], **kwargs: Any) -> None:
@@ -246,33 +237,13 @@ def test_imagenet_needs_manual_download(tmp_path):
     assert expected in message
 
 
-def write_imagenet_tars(manual_dir: str, rng: np.random.Generator) -> None:
-  """ILSVRC2012_img_{train,val}.tar as image-net.org ships them (train: one
-  tar per synset), with 3 synsets x 4 and 5 validation JPEGs."""
-
-  def add(archive: tarfile.TarFile, name: str, content: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(content)
-    archive.addfile(info, io.BytesIO(content))
-
-  os.makedirs(manual_dir)
-  with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "w") as train:
-    for synset in folders.imagenet_synsets()[:3]:
-      inner = io.BytesIO()
-      with tarfile.open(fileobj=inner, mode="w") as per_synset:
-        for i in range(4):
-          add(per_synset, f"{synset}_{i}.JPEG", random_jpeg(rng, 30, 40))
-      add(train, f"{synset}.tar", inner.getvalue())
-  with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "w") as val:
-    for i in range(1, 6):
-      add(val, f"ILSVRC2012_val_{i:08d}.JPEG", random_jpeg(rng, 30, 40))
-
-
-def test_imagenet_is_prepared_from_the_manual_tars(tmp_path):
+@pytest.mark.slow
+def test_imagenet_is_prepared_from_the_manual_tars_and_read_without_tensorflow(tmp_path):
   """TFDS's own preparation from tars laid out as image-net.org ships them,
-  into ArrayRecord files that the pipeline then reads."""
+  into ArrayRecord files that the pipeline then reads, also where
+  TensorFlow cannot be imported."""
   manual_dir = str(tmp_path / "manual")
-  write_imagenet_tars(manual_dir, np.random.default_rng(0))
+  write_imagenet_tars(manual_dir, folders.imagenet_synsets()[:3], np.random.default_rng(0))
   config = make_config(
       dataset__name="imagenet2012",
       dataset__data_dir=str(tmp_path / "data"),
@@ -287,6 +258,16 @@ def test_imagenet_is_prepared_from_the_manual_tars(tmp_path):
   assert sorted(labels) == [0] * 4 + [1] * 4 + [2] * 4
   # The validation labels are TFDS's (the first five of its label file).
   assert [int(b["mask"].sum()) for b in dataset.eval_batches()] == [4, 1]
+  script = f"""
+import itertools, ml_collections
+from mnv2_flax import datasets
+config = ml_collections.ConfigDict({config.to_dict()!r})
+dataset = datasets.create_dataset(config, process_index=0, process_count=1)
+labels = [b["label"].tolist() for b in itertools.islice(dataset.train_batches(), 3)]
+print(labels, sum(int(b["mask"].sum()) for b in dataset.eval_batches()))
+"""
+  want = [b["label"].tolist() for b in itertools.islice(dataset.train_batches(), 3)]
+  assert run_without_tensorflow(script, tmp_path).split() == f"{want} 5".split()
 
 
 # ------------------------------------------------------------------------------
@@ -462,14 +443,13 @@ def test_image_folder_resume_processes_and_workers(image_root):
 
 
 @pytest.mark.slow
-def test_image_folder_batches_do_not_depend_on_the_worker_count(image_root):
-  def batches(workers: int) -> list[dict]:
-    dataset = image_folder(image_root, dataset__workers=workers)
-    return list(itertools.islice(dataset.train_batches(5), 3)) + list(dataset.eval_batches())
-
-  in_process = batches(0)
-  assert_batches_equal(batches(2), in_process)
-  assert_batches_equal(batches(3), in_process)
+def test_image_folder_eval_does_not_depend_on_the_worker_count(image_root):
+  """Grain's workers each decode every 2nd batch; the stream is in order.
+  (Training batches: test_image_training's resume with other workers.)"""
+  in_process = list(image_folder(image_root).eval_batches())
+  assert_batches_equal(
+      list(image_folder(image_root, dataset__workers=2).eval_batches()), in_process
+  )
 
 
 def test_image_folder_eval_exactly_once_and_unreadable_counted(image_root, caplog):
@@ -554,3 +534,25 @@ def test_image_folder_errors(tmp_path):
   write_images(tmp_path / "train" / "cat", np.random.default_rng(6), 4)
   write_images(tmp_path / "val" / "dog", np.random.default_rng(7), 1)
   fails(tmp_path, os.path.join(tmp_path, "val", "dog"), "is a class", "train does not know")
+
+
+def test_show_summarises_a_folder_and_draws_what_the_model_sees(image_root, tmp_path):
+  config = make_config(
+      dataset__name="imagefolder", dataset__root=image_root, global_batch_size=4, eval_batch_size=4
+  )
+  summary = datasets.show(config, str(tmp_path), images=6)
+  train, evaluation = summary["train"], summary["eval"]
+  assert (train["images"], evaluation["images"]) == (24, 10)
+  assert train["classes"] == {"bird": 7, "cat": 7, "dog": 7}
+  assert evaluation["classes"] == {"bird": 3, "cat": 3, "dog": 3}
+  assert sorted(os.path.basename(name) for name in train["unreadable"]) == sorted(BROKEN)
+  assert list(evaluation["unreadable"]) == [os.path.join(image_root, "test", "cat", "3.png")]
+  with open(tmp_path / "summary.json") as f:
+    assert json.load(f) == summary
+  # The grid's first tile is step 0's first image, de-normalised, upscaled.
+  grid = np.asarray(Image.open(tmp_path / "train.png"))
+  assert grid.shape == (96 + 14, 6 * 96, 3)
+  first = next(image_folder(image_root).train_batches())["image"][0]
+  pixels = np.rint((first * config.dataset.std + config.dataset.mean) * 255).astype(np.uint8)
+  np.testing.assert_array_equal(grid[:96:3, :96:3], pixels)
+  assert Image.open(tmp_path / "eval.png").size == (6 * 96, 96 + 14)
