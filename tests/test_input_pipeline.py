@@ -372,7 +372,7 @@ def write_images(directory, rng: np.random.Generator, count: int, start: int = 0
 def image_root(tmp_path_factory) -> str:
   """train/ (3 classes x 7 images, one in a nested folder, the 3 broken files
   in dog/: 24 images) and test/ (3 x 3, and one broken), plus what is not an
-  image: hidden files, a README, a file outside the class folders."""
+  image: hidden files, notes, a CSV outside the class folders."""
   root = tmp_path_factory.mktemp("folder")
   rng = np.random.default_rng(0)
   for name in FOLDER_CLASSES:
