@@ -35,6 +35,7 @@ exactly once across processes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -216,7 +217,7 @@ class _TrainExamples:
   global_batch_size: int
   local_batch_size: int
   process_index: int
-  _orders: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+  _orders: dict[int, np.ndarray] = dataclasses.field(default_factory=dict, init=False)
 
   def epoch_order(self, epoch: int) -> np.ndarray:
     if epoch not in self._orders:
@@ -293,17 +294,7 @@ def check_images(source: ImageSource, workers: int) -> tuple[np.ndarray, list[in
   """(labels of the readable records, indices of the unreadable ones): every
   record read and decoded, in `workers` processes."""
   checks = grain.MapDataset.range(len(source)).map(_Check(source)).batch(256)
-  _grain_flags_parsed()
-  stream = checks.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-  if workers:
-    stream = stream.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_exit_with_parent
-    )
-  iterator = iter(stream)
-  try:
-    batches = [{k: np.array(v) for k, v in batch.items()} for batch in iterator]
-  finally:
-    iterator.close()
+  batches = list(iterate(checks, workers))
   labels = np.concatenate([b["label"] for b in batches])
   unreadable = np.concatenate([b["unreadable"] for b in batches])
   return labels[~unreadable], np.flatnonzero(unreadable).tolist()
@@ -449,29 +440,33 @@ class ImageDataset:
         self._preprocessing.normalise
     )
     length = len(batches)
-    _grain_flags_parsed()
-    if self.workers == 0:  # Decoded in this thread, when asked for.
-      stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    else:
-      # Each worker decodes its batches in one thread, two ahead.
-      stream = batches.to_iter_dataset(
-          grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
-      ).mp_prefetch(
-          grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2),
-          worker_init_fn=_exit_with_parent,
-      )
-    return self._track(iter(stream), tracker, length)
-
-  def _track(self, iterator: Any, tracker: UnreadableFiles, length: int) -> Iterator[data.Batch]:
-    try:
-      for count, batch in enumerate(iterator, 1):
-        if self.workers:
-          # Out of the workers' shared memory, which is then released at once.
-          batch = {k: np.array(v) for k, v in batch.items()}
+    with contextlib.closing(iterate(batches, self.workers)) as stream:
+      for count, batch in enumerate(stream, 1):
         tracker.update(batch, finished=count == length)
         yield batch
-    finally:
-      iterator.close()
+
+
+def iterate(batches: grain.MapDataset, workers: int) -> Iterator[data.Batch]:
+  """The batches, in order, decoded in this thread when asked for (workers
+  0) or by `workers` Grain processes, each a batch at a time in one thread,
+  two ahead."""
+  _grain_flags_parsed()
+  if workers == 0:
+    stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  else:
+    stream = batches.to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+    ).mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
+        worker_init_fn=_exit_with_parent,
+    )
+  iterator = iter(stream)
+  try:
+    for batch in iterator:
+      # Out of the workers' shared memory, which is then released at once.
+      yield {k: np.array(v) for k, v in batch.items()} if workers else batch
+  finally:
+    iterator.close()
 
 
 def _grain_flags_parsed() -> None:
