@@ -115,11 +115,14 @@ KEYS: tuple[Key, ...] = (
     Key("dataset.num_classes", 10, _int(low=2)),
     Key("dataset.data_dir", "", _TEXT),  # TFDS data_dir ("" = TFDS default).
     Key("dataset.manual_dir", "", _TEXT),  # imagenet2012: where the ILSVRC tars are.
-    Key("dataset.root", "", _TEXT),  # imagefolder: a directory with train/ and test/.
+    # imagefolder: a directory with train/ and/or test/ (or val/).
+    Key("dataset.root", "", _TEXT),
     # Normalisation, in [0, 1] units; one entry per image channel.
     Key("dataset.mean", (0.485, 0.456, 0.406), _tuple(_float(0, 1), (1, 3))),
     Key("dataset.std", (0.229, 0.224, 0.225), _tuple(_POSITIVE, (1, 3))),
-    Key("dataset.shuffle_buffer", 16_384, _int(low=1)),
+    # imagefolder, imagenet2012: Grain worker processes decoding images; -1:
+    # one per CPU core, 0: decode in the training process (no prefetch).
+    Key("dataset.workers", -1, _int(low=-1)),
     # Random-resized-crop minimum area.
     Key("dataset.crop_area_min", 0.08, _float(0, 1, low_open=True)),
     # Center crop, then resize.

@@ -8,9 +8,12 @@ Every dataset implements the same contract (`Dataset`):
   * `eval_batches()` yields padded batches with a `mask`; across all processes
     every eval example appears exactly once and every process yields the same
     number of batches (required by the collective eval step).
+  * Datasets of image files add `unreadable` to every batch: 1.0 for each
+    example whose file could not be decoded (training: another image took its
+    place; evaluation: masked out), which the steps count.
 
 This module never imports TensorFlow: the embedded digits set and synthetic
-data live here, TFDS datasets are built by `input_pipeline` on top of it, and
+data live here, the others are built by `input_pipeline` on top of it, and
 `datasets.create_dataset` picks between the two.
 """
 
@@ -27,12 +30,14 @@ import numpy as np
 from mnv2_flax.errors import ConfigError
 
 Batch = dict[str, np.ndarray]
-# Per-batch preprocessing of an ArrayDataset: (images, rng) -> float32 images;
-# rng is None for eval batches (no augmentation).
-Transform = Callable[[np.ndarray, "np.random.Generator | None"], np.ndarray]
+# Per-batch preprocessing of an ArrayDataset: (images, draws) -> float32 images.
+# draws: (n, k) uniform numbers in [0, 1), the k random draws of each training
+# example's augmentation; None for eval batches (no augmentation).
+Transform = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 
-TFDS_DATASETS = ("imagenet2012", "cifar10", "mnist", "imagefolder")
-DATASETS = ("digits", "synthetic") + TFDS_DATASETS
+# Built by `input_pipeline` (Grain, TFDS); the others here.
+PIPELINE_DATASETS = ("imagenet2012", "cifar10", "mnist", "imagefolder")
+DATASETS = ("digits", "synthetic") + PIPELINE_DATASETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +91,10 @@ class ArrayDataset:
   """An in-memory dataset (images already preprocessed) with exact resume.
 
   The order of epoch e is a permutation drawn from (seed, e); step k takes the
-  k-th global batch of that order and this process keeps its slice.
+  k-th global batch of that order and this process keeps its slice. The
+  `transform`'s `random_draws` per example are drawn from (seed, epoch, step)
+  for the whole global batch, so an example's augmentation depends on its
+  position in the epoch, not on the process count.
   `train_examples` > 0 trains on the first that many training examples only.
   """
 
@@ -102,6 +110,7 @@ class ArrayDataset:
       process_index: int = 0,
       process_count: int = 1,
       transform: Transform | None = None,
+      random_draws: int = 0,
       train_examples: int = 0,
       class_names: Sequence[str] = (),
       normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
@@ -120,6 +129,7 @@ class ArrayDataset:
     self._seed = seed
     self._process_index, self._process_count = process_index, process_count
     self._transform = transform
+    self._random_draws = random_draws
     self.info = DatasetInfo(
         num_classes=num_classes,
         image_shape=tuple(self._apply(self._test_images[:1], None).shape[1:]),
@@ -134,8 +144,8 @@ class ArrayDataset:
           f"{len(self._train_labels)} training examples"
       )
 
-  def _apply(self, images: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-    return images if self._transform is None else self._transform(images, rng)
+  def _apply(self, images: np.ndarray, draws: np.ndarray | None) -> np.ndarray:
+    return images if self._transform is None else self._transform(images, draws)
 
   def _epoch_order(self, epoch: int) -> np.ndarray:
     return np.random.default_rng([self._seed, epoch]).permutation(len(self._train_labels))
@@ -150,8 +160,9 @@ class ArrayDataset:
       while index < steps_per_epoch:
         start = index * self._global_batch_size
         ids = order[start : start + self._global_batch_size][mine]
-        rng = np.random.default_rng([self._seed, epoch, index, self._process_index])
-        images = self._apply(self._train_images[ids], rng)
+        rng = np.random.default_rng([self._seed, epoch, index])
+        draws = rng.random((self._global_batch_size, self._random_draws))[mine]
+        images = self._apply(self._train_images[ids], draws)
         yield {"image": images, "label": self._train_labels[ids]}
         index += 1
         step += 1

@@ -1,68 +1,112 @@
-"""TFDS-backed datasets: in-memory CIFAR-10 / MNIST, streaming ImageNet and
-image folders. The only module of the package that imports TensorFlow.
+"""Datasets of encoded images streamed by Grain (image folders, ImageNet), and
+the TFDS datasets held in memory (CIFAR-10, MNIST).
 
-All datasets honour the `data.Dataset` contract (exact resume, every eval
-example exactly once across processes).
+All honour the `data.Dataset` contract: exact resume, every evaluation example
+exactly once across processes.
 
-* cifar10, mnist: the whole split is loaded as uint8 into memory and wrapped in
-  `data.ArrayDataset`; batches keep the native resolution (32x32x3, 28x28x1),
-  the train step resizes on device when `dataset.image_size` differs.
-* imagenet2012, imagefolder: tf.data pipelines over the encoded images.
-  Train: random-resized crop taken while decoding the JPEG, bilinear resize to
-  `dataset.image_size`, random horizontal flip; eval: center crop of
-  `dataset.eval_crop_fraction` of the shorter side, resize. Both normalise with
-  `dataset.mean` / `dataset.std`. The randomness of an example is a stateless
-  function of (seed, epoch, example position), so a batch depends only on
-  (seed, step).
+* imagefolder, imagenet2012: a random-access source of encoded images (the
+  sorted file list of a folder split, `folders.Split`; ImageNet's TFDS
+  ArrayRecord files through `tfds.data_source`), decoded by `images` (Pillow,
+  no TensorFlow) in `dataset.workers` Grain worker processes.
 
-  imagenet2012 streams this process's contiguous part of the TFDS split: epoch
-  e reads it with a file order and a `dataset.shuffle_buffer` shuffle seeded by
-  (seed, e); resuming mid-epoch re-reads the epoch and skips the raw records
-  already consumed (no decoding). Resume is exact for an unchanged process
-  count. imagefolder shuffles file paths globally each epoch, as ArrayDataset
-  does, so a step's global batch doesn't depend on the process count either.
+  Order: epoch e reads the training split in a permutation drawn from
+  (seed, e); global batch k takes positions [k B, (k + 1) B) of its epoch and
+  process i of n the i-th n-th of them. The example at position p is augmented
+  (random-resized crop, flip) with a generator seeded by (seed, e, p). So a
+  step's global batch is a function of (seed, step) alone, whatever the
+  process count and worker count, and resuming at step k reads only the
+  records of steps k, k + 1, ... (Grain's own iterator state is not used: each
+  worker computes its batches from their step numbers).
+
+  Unreadable files: no file is decoded before training. A training file that
+  fails to read or decode is replaced by the next readable one of the epoch's
+  permutation (a function of the files alone, so later batches don't shift and
+  resume stays exact), logged once by name and counted: batches carry
+  `unreadable` (1.0 per substituted example), which the train step sums into
+  the `unreadable_images` metric. In evaluation such a file is masked out,
+  named and counted. When more than half of the files read so far fail, or
+  `_SUBSTITUTE_ATTEMPTS` in a row do, the run stops with one line.
+
+* cifar10, mnist: the whole split is loaded as uint8 into memory (through
+  TFDS, which uses TensorFlow) and wrapped in `data.ArrayDataset`; batches keep
+  the native resolution (32x32x3, 28x28x1), the train step resizes on device
+  when `dataset.image_size` differs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
+import grain
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
-from absl import logging
+from absl import flags, logging
 
-from mnv2_flax import data
+from mnv2_flax import data, folders, images
 from mnv2_flax.errors import ConfigError
 
 # MNIST's own statistics: the config's default mean/std are ImageNet RGB ones.
 _MNIST_MEAN, _MNIST_STD = (0.1307,), (0.3081,)
 _CIFAR_PADDING = 4
 _IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
-_FOLDER_EVAL_SPLITS = ("test", "val")
-_AUTOTUNE = tf.data.AUTOTUNE
+_ARRAY_RECORD = "array_record"  # TFDS's file format for random access.
+# Grain's datasets have a length: the training stream's, which no run reaches.
+_ENDLESS = 2**62
+# How far along the epoch's permutation a broken training file's substitute
+# is looked for; this many unreadable files in a row stop the run.
+_SUBSTITUTE_ATTEMPTS = 64
+# Examples read before "more than half are unreadable" stops a run (a smaller
+# split stops once all of it has been read).
+_MAJORITY_SAMPLE = 64
 
 
-def create_dataset(config: Any, *, process_index: int, process_count: int) -> data.Dataset:
-  """Builds `config.dataset.name` (one of `data.TFDS_DATASETS`) for this process."""
-  builders = {
-      "cifar10": _cifar10,
-      "mnist": _mnist,
-      "imagenet2012": _imagenet,
-      "imagefolder": _image_folder,
-  }
-  return builders[config.dataset.name](config, process_index, process_count)
+def create_dataset(
+    config: Any,
+    *,
+    process_index: int,
+    process_count: int,
+    mode: str = "train",
+    class_names: tuple[str, ...] = (),
+) -> data.Dataset:
+  """Builds `config.dataset.name` (one of `data.PIPELINE_DATASETS`); see
+  `datasets.create_dataset` for `mode` and `class_names`."""
+  name = config.dataset.name
+  if name in ("cifar10", "mnist"):
+    return _IN_MEMORY[name](config, process_index, process_count)
+  if name == "imagenet2012":
+    train, evaluation, names = _imagenet_sources(config, mode)
+  else:
+    folder = folders.open_folder(
+        config.dataset.root,
+        mode=mode,
+        class_names=class_names,
+        eval_every_steps=config.eval_every_steps,
+    )
+    train, evaluation, names = folder.train, folder.eval, folder.class_names
+  return ImageDataset(
+      config,
+      train=train,
+      evaluation=evaluation,
+      class_names=names,
+      process_index=process_index,
+      process_count=process_count,
+  )
 
 
-# ------------------------------------------------------------------------------
-# Per-example preprocessing (public: the benchmark reuses it).
-# ------------------------------------------------------------------------------
+def num_workers(config: Any) -> int:
+  """dataset.workers, with -1 meaning one per core this process may use."""
+  if config.dataset.workers >= 0:
+    return config.dataset.workers
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _scaled_stats(
+def normalization_stats(
     config: Any, channels: int, default: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
   """(mean, std) in 0..255 pixel units, one entry per channel."""
@@ -78,117 +122,493 @@ def _scaled_stats(
   return (np.asarray(mean, np.float32) * 255, np.asarray(std, np.float32) * 255)
 
 
-def _decode_and_crop(
-    image_bytes: tf.Tensor, crop_window: Callable[[tf.Tensor], tf.Tensor]
-) -> tf.Tensor:
-  """Decodes to uint8 RGB, cropped to crop_window([height, width, channels]) =
-  [y, x, h, w]. JPEGs decode only the window; other formats decode fully."""
-
-  def jpeg() -> tf.Tensor:
-    window = crop_window(tf.io.extract_jpeg_shape(image_bytes))
-    return tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
-
-  def other() -> tf.Tensor:
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    y, x, h, w = tf.unstack(crop_window(tf.shape(image)))
-    return image[y : y + h, x : x + w]
-
-  return tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
+# ------------------------------------------------------------------------------
+# Streaming encoded images with Grain.
+# ------------------------------------------------------------------------------
 
 
-def _resize_and_normalise(image: tf.Tensor, config: Any) -> tf.Tensor:
-  size = config.dataset.image_size
-  image = tf.image.resize(image, (size, size), method="bilinear")
-  # Full-size constants: TF's broadcast of a 3-vector over an image costs
-  # about as much as decoding the JPEG (measured 0.8 vs 1 ms at 224x224).
-  ones = np.ones((size, size, 3), np.float32)
-  mean, std = _scaled_stats(config, 3)
-  return (image - mean * ones) * (ones / std)
+class ImageSource(Protocol):
+  """Random access to a split's encoded images (`folders.Split`, `TfdsSource`)."""
+
+  key: str  # The config key that messages about these images name.
+  location: str  # Where they are, for messages: a directory, a dataset split.
+
+  def __len__(self) -> int:
+    ...
+
+  def read(self, index: int) -> tuple[bytes, int]:
+    """(encoded image, label); OSError if the record cannot be read."""
+    ...
+
+  def name(self, index: int) -> str:
+    """How messages name the record: its path, or its split and file name."""
+    ...
 
 
-def preprocess_train(image_bytes: tf.Tensor, seed: tf.Tensor, config: Any) -> tf.Tensor:
-  """Encoded image -> float32 (image_size, image_size, 3), normalised.
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """Everything that turns encoded bytes into model input, but the randomness."""
 
-  Inception-style random crop (area in [dataset.crop_area_min, 1] of the image,
-  aspect ratio in [3/4, 4/3]; the whole image after 10 failed attempts),
-  bilinear resize, horizontal flip with probability 1/2. `seed` is a stateless
-  seed (shape [2] integer tensor): the output is a function of
-  (image_bytes, seed).
-  """
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  image_size: int
+  crop_area_min: float
+  eval_crop_fraction: float
+  eval_resize: str
+  mean: np.ndarray  # 0..255 units, per channel.
+  std: np.ndarray
+  channels: int = 3
 
-  def random_window(shape: tf.Tensor) -> tf.Tensor:
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape,
-        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        seed=crop_seed,
-        min_object_covered=0.0,
-        aspect_ratio_range=(3 / 4, 4 / 3),
-        area_range=(config.dataset.crop_area_min, 1.0),
-        max_attempts=10,
+  @classmethod
+  def from_config(cls, config: Any) -> Preprocessing:
+    mean, std = normalization_stats(config, 3)
+    d = config.dataset
+    return cls(
+        d.image_size, d.crop_area_min, d.eval_crop_fraction, d.get("eval_resize", "crop"), mean, std
     )
-    return tf.stack([begin[0], begin[1], size[0], size[1]])
 
-  image = _resize_and_normalise(_decode_and_crop(image_bytes, random_window), config)
-  return tf.image.stateless_random_flip_left_right(image, flip_seed)
-
-
-def preprocess_eval(image_bytes: tf.Tensor, config: Any) -> tf.Tensor:
-  """Encoded image -> float32 (image_size, image_size, 3), normalised: center
-  crop of dataset.eval_crop_fraction of the shorter side, bilinear resize."""
-
-  def center_window(shape: tf.Tensor) -> tf.Tensor:
-    height, width = shape[0], shape[1]
-    side = tf.cast(
-        config.dataset.eval_crop_fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32
+  def train(self, encoded: bytes, rng: np.random.Generator) -> np.ndarray:
+    return images.train_image(
+        encoded,
+        rng,
+        image_size=self.image_size,
+        area_min=self.crop_area_min,
+        channels=self.channels,
     )
-    side = tf.maximum(side, 1)
-    return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
 
-  return _resize_and_normalise(_decode_and_crop(image_bytes, center_window), config)
+  def eval(self, encoded: bytes) -> np.ndarray:
+    return images.eval_image(
+        encoded,
+        image_size=self.image_size,
+        crop_fraction=self.eval_crop_fraction,
+        channels=self.channels,
+        resize=self.eval_resize,
+    )
+
+  def normalise(self, batch: data.Batch) -> data.Batch:
+    """uint8 images -> float32 (x - mean) / std."""
+    return {**batch, "image": images.normalize(batch["image"], self.mean, self.std)}
+
+  def blank(self) -> np.ndarray:
+    return np.zeros((self.image_size, self.image_size, self.channels), np.uint8)
+
+
+_UNREADABLE = (images.DecodeError, OSError)
+
+
+def _example(image: np.ndarray, label: int, unreadable: int, mask: float = 1.0) -> dict[str, Any]:
+  """One example of a stream; `unreadable` is the index of the record that
+  could not be read in its place (-1: none)."""
+  return {
+      "image": image,
+      "label": np.int32(label),
+      "mask": np.float32(mask),
+      "unreadable": np.float32(unreadable >= 0),
+      "unreadable_index": np.int64(unreadable),
+  }
+
+
+@dataclasses.dataclass
+class _TrainExamples:
+  """Element i of this process's training stream: row i % L of the step
+  i // L, with L the local batch (a picklable function for Grain's workers)."""
+
+  source: ImageSource
+  preprocessing: Preprocessing
+  seed: int
+  global_batch_size: int
+  local_batch_size: int
+  process_index: int
+  _orders: dict[int, np.ndarray] = dataclasses.field(default_factory=dict, init=False)
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    if epoch not in self._orders:
+      self._orders.clear()  # One epoch at a time: ImageNet's is 10 MB.
+      self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+    return self._orders[epoch]
+
+  def __call__(self, i: int) -> dict[str, Any]:
+    step, row = divmod(i, self.local_batch_size)
+    epoch, index = divmod(step, len(self.source) // self.global_batch_size)
+    position = index * self.global_batch_size + self.process_index * self.local_batch_size + row
+    order = self.epoch_order(epoch)
+    attempts = min(_SUBSTITUTE_ATTEMPTS, len(order))
+    for attempt in range(attempts):
+      record = int(order[(position + attempt) % len(order)])
+      try:
+        encoded, label = self.source.read(record)
+        image = self.preprocessing.train(
+            encoded, np.random.default_rng([self.seed, epoch, position])
+        )
+      except _UNREADABLE:
+        continue
+      return _example(image, label, int(order[position]) if attempt else -1)
+    first = int(order[position])
+    example = f"{self.source.name(first)} ({failure_reason(self.source, first)})"
+    if attempts == len(order):
+      raise ConfigError(
+          f"config.{self.source.key}: none of the {attempts} images of "
+          f"{self.source.location} can be decoded, e.g. {example}"
+      )
+    raise ConfigError(
+        f"config.{self.source.key}: {attempts} images in a row of {self.source.location} "
+        f"cannot be decoded, e.g. {example}; most of it is unreadable"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalExamples:
+  """Element i of this process's evaluation stream: record start + i, or
+  padding (mask 0) from `stop` on."""
+
+  source: ImageSource
+  preprocessing: Preprocessing
+  start: int
+  stop: int
+
+  def __call__(self, i: int) -> dict[str, Any]:
+    record = self.start + i
+    if record >= self.stop:
+      return _example(self.preprocessing.blank(), 0, -1, mask=0.0)
+    try:
+      encoded, label = self.source.read(record)
+      return _example(self.preprocessing.eval(encoded), label, -1)
+    except _UNREADABLE:
+      return _example(self.preprocessing.blank(), 0, record, mask=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Check:
+  """Element i: the label of record i, and whether it is unreadable."""
+
+  source: ImageSource
+
+  def __call__(self, i: int) -> dict[str, Any]:
+    try:
+      encoded, label = self.source.read(i)
+      images.decode(encoded, 3)
+    except _UNREADABLE:
+      return {"label": np.int32(-1), "unreadable": np.bool_(True)}
+    return {"label": np.int32(label), "unreadable": np.bool_(False)}
+
+
+def check_images(source: ImageSource, workers: int) -> tuple[np.ndarray, list[int]]:
+  """(labels of the readable records, indices of the unreadable ones): every
+  record read and decoded, in `workers` processes."""
+  checks = grain.MapDataset.range(len(source)).map(_Check(source)).batch(256)
+  batches = list(iterate(checks, workers))
+  labels = np.concatenate([b["label"] for b in batches])
+  unreadable = np.concatenate([b["unreadable"] for b in batches])
+  return labels[~unreadable], np.flatnonzero(unreadable).tolist()
+
+
+def failure_reason(source: ImageSource, index: int) -> str:
+  """Why record `index` of `source` cannot be read or decoded ("" if it can)."""
+  try:
+    images.decode(source.read(index)[0], 3)
+  except _UNREADABLE as e:
+    return " ".join(str(e).split()) or type(e).__name__
+  return ""
+
+
+class UnreadableFiles:
+  """Names each unreadable record of a stream once, counts them, and stops
+  the run when most of what was read is unreadable."""
+
+  def __init__(self, source: ImageSource, *, training: bool):
+    self._source, self._training = source, training
+    self._what = (
+        "another image of the split takes its place" if training else "left out of the evaluation"
+    )
+    self.names: dict[int, str] = {}  # Record index -> "name (reason)".
+    self.examples = 0  # Read so far (padding excluded).
+    self.failed = 0  # Of which the file could not be read.
+
+  def update(self, batch: data.Batch, *, finished: bool = False) -> None:
+    """Takes the stream's bookkeeping out of `batch` (and its mask, when
+    training: every example counts)."""
+    indices = batch.pop("unreadable_index")
+    if self._training:
+      self.examples += len(batch.pop("mask"))
+    else:  # Padding is masked, and so are unreadable files.
+      self.examples += int(batch["mask"].sum() + batch["unreadable"].sum())
+    self.failed += int(batch["unreadable"].sum())
+    for index in map(int, indices[indices >= 0]):
+      if index not in self.names:
+        self.names[index] = f"{self._source.name(index)} ({failure_reason(self._source, index)})"
+        logging.warning("Unreadable image %s: %s.", self.names[index], self._what)
+    self.check(finished)
+
+  def check(self, finished: bool) -> None:
+    if self.failed * 2 > self.examples and (finished or self.examples >= _MAJORITY_SAMPLE):
+      raise ConfigError(
+          f"config.{self._source.key}: {self.failed} of the {self.examples} images read from "
+          f"{self._source.location} cannot be decoded, e.g. {next(iter(self.names.values()))}; "
+          "most of it is unreadable"
+      )
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """Grain worker init: the worker exits when the training process is gone
+  (SIGKILL gives it no chance to stop its workers)."""
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch() -> None:
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(1)
+
+  threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+class ImageDataset:
+  """Batches of encoded images decoded by Grain (see the module doc)."""
+
+  def __init__(
+      self,
+      config: Any,
+      *,
+      train: ImageSource | None,
+      evaluation: ImageSource | None,
+      class_names: tuple[str, ...],
+      process_index: int,
+      process_count: int,
+  ):
+    self._preprocessing = Preprocessing.from_config(config)
+    self.train_source, self.eval_source = train, evaluation
+    self._seed = config.seed
+    self._global_batch_size = config.global_batch_size
+    self._local_batch_size = config.global_batch_size // process_count
+    self._local_eval_batch_size = config.eval_batch_size // process_count
+    self._process_index, self._process_count = process_index, process_count
+    self.workers = num_workers(config)
+    self.unreadable: dict[str, UnreadableFiles] = {}  # "train"/"eval" -> the last stream's.
+    size = config.dataset.image_size
+    self.info = data.DatasetInfo(
+        len(class_names),
+        (size, size, 3),
+        0 if train is None else len(train),
+        0 if evaluation is None else len(evaluation),
+        tuple(class_names),
+    )
+    if train is not None and len(train) < config.global_batch_size:
+      raise ConfigError(
+          f"config.global_batch_size: {config.global_batch_size} exceeds the "
+          f"{len(train)} training examples"
+      )
+
+  def train_batches(self, start_step: int = 0) -> Iterator[data.Batch]:
+    if self.train_source is None:
+      raise ValueError("this dataset was opened for evaluation only")
+    local = self._local_batch_size
+    examples = _TrainExamples(
+        self.train_source,
+        self._preprocessing,
+        self._seed,
+        self._global_batch_size,
+        local,
+        self._process_index,
+    )
+    stream = grain.MapDataset.range(start_step * local, _ENDLESS).map(examples)
+    tracker = UnreadableFiles(self.train_source, training=True)
+    self.unreadable["train"] = tracker
+    return self._batches(stream, local, tracker, drop_remainder=True)
+
+  def eval_batches(self) -> Iterator[data.Batch]:
+    if self.eval_source is None:
+      raise ValueError("this dataset has no evaluation split")
+    start, stop, shard_max = data.eval_shard(
+        len(self.eval_source), self._process_index, self._process_count
+    )
+    local = self._local_eval_batch_size
+    # Every process yields as many batches (the eval step is collective).
+    length = math.ceil(shard_max / local) * local
+    stream = grain.MapDataset.range(length).map(
+        _EvalExamples(self.eval_source, self._preprocessing, start, stop)
+    )
+    tracker = UnreadableFiles(self.eval_source, training=False)
+    self.unreadable["eval"] = tracker
+    return self._batches(stream, local, tracker, drop_remainder=False)
+
+  def _batches(
+      self,
+      examples: grain.MapDataset,
+      batch_size: int,
+      tracker: UnreadableFiles,
+      drop_remainder: bool,
+  ) -> Iterator[data.Batch]:
+    batches = examples.batch(batch_size, drop_remainder=drop_remainder).map(
+        self._preprocessing.normalise
+    )
+    length = len(batches)
+    with contextlib.closing(iterate(batches, self.workers)) as stream:
+      for count, batch in enumerate(stream, 1):
+        tracker.update(batch, finished=count == length)
+        yield batch
+
+
+def iterate(batches: grain.MapDataset, workers: int) -> Iterator[data.Batch]:
+  """The batches, in order, decoded in this thread when asked for (workers
+  0) or by `workers` Grain processes, each a batch at a time in one thread,
+  two ahead."""
+  _grain_flags_parsed()
+  if workers == 0:
+    stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  else:
+    stream = batches.to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+    ).mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
+        worker_init_fn=_exit_with_parent,
+    )
+  iterator = iter(stream)
+  try:
+    for batch in iterator:
+      # Out of the workers' shared memory, which is then released at once.
+      yield {k: np.array(v) for k, v in batch.items()} if workers else batch
+  finally:
+    iterator.close()
+
+
+def _grain_flags_parsed() -> None:
+  """Grain's worker processes read its absl flags, which a library caller
+  (a notebook, pytest) has not parsed: their defaults then."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 # ------------------------------------------------------------------------------
-# In-memory datasets.
+# ImageNet: TFDS ArrayRecord files.
+# ------------------------------------------------------------------------------
+
+
+class TfdsSource:
+  """A split of a TFDS dataset prepared as ArrayRecord files, its images kept
+  encoded (`tfds.data_source`: no TensorFlow)."""
+
+  key = "dataset.data_dir"
+
+  def __init__(self, source: Any, name: str, split: str):
+    self._source, self._split = source, split
+    self.location = f"{name} {split}"
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def read(self, index: int) -> tuple[bytes, int]:
+    record = self._source[index]
+    return record["image"], int(record["label"])
+
+  def name(self, index: int) -> str:
+    file_name = self._source[index].get("file_name", b"")
+    if isinstance(file_name, bytes):
+      file_name = file_name.decode()
+    return f"{self._split}[{index}] {file_name}".rstrip()
+
+
+def _imagenet_sources(
+    config: Any, mode: str
+) -> tuple[TfdsSource | None, TfdsSource, tuple[str, ...]]:
+  """ILSVRC 2012's train and validation splits (train None for mode "eval"),
+  prepared first if they are not."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  builder = tfds.builder("imagenet2012", data_dir=config.dataset.data_dir or None)
+  if not builder.is_prepared():
+    builder = tfds.builder(
+        "imagenet2012", data_dir=config.dataset.data_dir or None, file_format=_ARRAY_RECORD
+    )
+    prepare_imagenet(builder, config)
+  formats = [builder.info.file_format, *builder.info.alternative_file_formats]
+  if _ARRAY_RECORD not in [getattr(f, "value", f) for f in formats]:
+    raise ConfigError(
+        f"config.dataset.data_dir: imagenet2012 in {builder.data_path} is stored as "
+        f"{getattr(formats[0], 'value', formats[0])} files; this project reads ArrayRecord "
+        f"files: convert them once with `tfds convert_format "
+        f"--dataset_version_dir={builder.data_path} --out_file_format=array_record`, or "
+        "prepare anew into another data_dir"
+    )
+  decoders = {"image": tfds.decode.SkipDecoding()}
+
+  def source(split: str) -> TfdsSource:
+    records = builder.as_data_source(split, decoders=decoders, file_format=_ARRAY_RECORD)
+    return TfdsSource(records, "imagenet2012", split)
+
+  train = source("train") if mode == "train" else None
+  return train, source("validation"), data.imagenet_class_names()
+
+
+def prepare_imagenet(builder: Any, config: Any) -> None:
+  """Converts the manually downloaded tars once into ArrayRecord files (TFDS,
+  which uses TensorFlow for it).
+
+  With several processes, prepare beforehand with one (e.g. `python -m
+  mnv2_flax.datasets --show`): concurrent preparation into a shared data_dir
+  would race.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  manual_dir = config.dataset.manual_dir or os.path.join(
+      builder.data_dir_root, "downloads", "manual"
+  )
+  missing = [f for f in _IMAGENET_TARS if not os.path.exists(os.path.join(manual_dir, f))]
+  if missing:
+    raise ConfigError(
+        f"config.dataset.manual_dir: imagenet2012 is not prepared in "
+        f"{builder.data_path} and needs a manual download from "
+        f"https://image-net.org/download-images: put ILSVRC2012_img_train.tar "
+        f"(~138 GB) and ILSVRC2012_img_val.tar (~6.3 GB) into {manual_dir} "
+        f"(missing: {', '.join(missing)}). TFDS converts them once into ArrayRecord "
+        f"files in {builder.data_dir_root} (~150 GB more disk, hours; estimates); later "
+        "runs reuse them."
+    )
+  logging.info("Preparing imagenet2012 from %s into %s.", manual_dir, builder.data_path)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+
+
+# ------------------------------------------------------------------------------
+# In-memory datasets (TFDS, with TensorFlow).
 # ------------------------------------------------------------------------------
 
 
 def _load_tfds_arrays(name: str, config: Any) -> tuple[tuple, tuple, tuple[str, ...]]:
   """(train, test) as (uint8 images, int32 labels) and the class names."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   builder = tfds.builder(name, data_dir=config.dataset.data_dir or None)
   builder.download_and_prepare()
 
   def load(split: str) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = tfds.as_numpy(
+    pixels, labels = tfds.as_numpy(
         builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
     )
-    return images, labels.astype(np.int32)
+    return pixels, labels.astype(np.int32)
 
   return load("train"), load("test"), tuple(builder.info.features["label"].names)
 
 
-def _random_crop_and_flip(images: np.ndarray, rng: np.random.Generator, padding: int) -> np.ndarray:
-  """Per image: a random crop of the zero-padded image at the original size,
-  mirrored with probability 1/2 (one gather for the whole batch)."""
-  n, height, width, _ = images.shape
-  padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  dy, dx = rng.integers(0, 2 * padding + 1, size=(2, n))
+def random_crop_and_flip(pixels: np.ndarray, draws: np.ndarray, padding: int) -> np.ndarray:
+  """Per image: a crop of the zero-padded image at the original size, offsets
+  from draws[:, 0:2], mirrored when draws[:, 2] < 1/2 (one gather for the
+  whole batch). draws: (n, 3) uniform in [0, 1)."""
+  n, height, width, _ = pixels.shape
+  padded = np.pad(pixels, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  dy, dx = (draws[:, :2].T * (2 * padding + 1)).astype(np.int64)
   rows = dy[:, None] + np.arange(height)
   cols = dx[:, None] + np.arange(width)
-  cols = np.where((rng.random(n) < 0.5)[:, None], cols[:, ::-1], cols)
+  cols = np.where((draws[:, 2] < 0.5)[:, None], cols[:, ::-1], cols)
   return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 def _array_dataset(
-    train: tuple,
-    test: tuple,
-    class_names: tuple[str, ...],
     config: Any,
+    loaded: tuple[tuple, tuple, tuple[str, ...]],
     process_index: int,
     process_count: int,
     transform: data.Transform,
+    random_draws: int = 0,
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> data.ArrayDataset:
+  train, test, class_names = loaded
   return data.ArrayDataset(
       train,
       test,
@@ -199,6 +619,7 @@ def _array_dataset(
       process_index=process_index,
       process_count=process_count,
       transform=transform,
+      random_draws=random_draws,
       train_examples=config.dataset.train_examples,
       class_names=class_names,
       normalization=normalization,
@@ -207,320 +628,32 @@ def _array_dataset(
 
 def _cifar10(config: Any, process_index: int, process_count: int) -> data.Dataset:
   """CIFAR-10; train: 4-pixel zero-pad random crop + flip, then normalise."""
-  train, test, class_names = _load_tfds_arrays("cifar10", config)
-  mean, std = _scaled_stats(config, 3)
+  mean, std = normalization_stats(config, 3)
 
-  def transform(images: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-    if rng is not None:
-      images = _random_crop_and_flip(images, rng, _CIFAR_PADDING)
-    return (images - mean) / std
+  def transform(pixels: np.ndarray, draws: np.ndarray | None) -> np.ndarray:
+    if draws is not None:
+      pixels = random_crop_and_flip(pixels, draws, _CIFAR_PADDING)
+    return (pixels - mean) / std
 
-  return _array_dataset(train, test, class_names, config, process_index, process_count, transform)
+  loaded = _load_tfds_arrays("cifar10", config)
+  return _array_dataset(config, loaded, process_index, process_count, transform, random_draws=3)
 
 
 def _mnist(config: Any, process_index: int, process_count: int) -> data.Dataset:
   """MNIST, normalised only. dataset.mean/std are used if they have a single
   entry; otherwise (the RGB default) MNIST's own 0.1307 / 0.3081."""
-  train, test, class_names = _load_tfds_arrays("mnist", config)
-  mean, std = _scaled_stats(config, 1, default=(_MNIST_MEAN, _MNIST_STD))
+  mean, std = normalization_stats(config, 1, default=(_MNIST_MEAN, _MNIST_STD))
   return _array_dataset(
-      train,
-      test,
-      class_names,
       config,
+      _load_tfds_arrays("mnist", config),
       process_index,
       process_count,
-      lambda images, rng: (images - mean) / std,
+      lambda pixels, draws: (pixels - mean) / std,
       normalization=((float(mean[0]) / 255,), (float(std[0]) / 255,)),
   )
 
 
-# ------------------------------------------------------------------------------
-# Streaming datasets.
-# ------------------------------------------------------------------------------
-
-
-def _seed_key(*entropy: int) -> tf.Tensor:
-  """A stateless seed (shape [2]) derived from integers."""
-  return tf.constant(np.random.SeedSequence(entropy).generate_state(2), tf.int64)
-
-
-def _example_seed(key: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
-  return tf.random.experimental.stateless_fold_in(key, position)
-
-
-def _even_shard(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
-  """This process's [start, stop) of a train split: sizes differ by at most one,
-  so every process holds steps_per_epoch * local_batch examples."""
-  return (
-      num_examples * process_index // process_count,
-      num_examples * (process_index + 1) // process_count,
-  )
-
-
-class _StreamingDataset:
-  """Decodes and batches raw examples supplied by a source.
-
-  `read_train(epoch, first_step, steps_per_epoch)` returns this process's
-  examples {"image": encoded bytes, "label", "seed"} for steps
-  [first_step, steps_per_epoch) of the epoch, in order, local_batch per step;
-  `read_eval(start, stop)` returns the eval examples {"image", "label"} in
-  [start, stop) of the eval split.
-  """
-
-  def __init__(
-      self,
-      config: Any,
-      *,
-      num_classes: int,
-      num_train_examples: int,
-      num_eval_examples: int,
-      read_train: Callable[[int, int, int], tf.data.Dataset],
-      read_eval: Callable[[int, int], tf.data.Dataset],
-      process_index: int,
-      process_count: int,
-      class_names: Sequence[str],
-  ):
-    size = config.dataset.image_size
-    self.info = data.DatasetInfo(
-        num_classes, (size, size, 3), num_train_examples, num_eval_examples, tuple(class_names)
-    )
-    self._config = config
-    self._read_train, self._read_eval = read_train, read_eval
-    self._process_index, self._process_count = process_index, process_count
-    self._local_batch = config.global_batch_size // process_count
-    self._local_eval_batch = config.eval_batch_size // process_count
-    self._steps_per_epoch = num_train_examples // config.global_batch_size
-    _scaled_stats(config, 3)  # Fails now, not in the first map, on bad mean/std.
-    if self._steps_per_epoch == 0:
-      raise ConfigError(
-          f"config.global_batch_size: {config.global_batch_size} exceeds the "
-          f"{num_train_examples} training examples"
-      )
-
-  def _batches(
-      self,
-      ds: tf.data.Dataset,
-      preprocess: Callable[[dict[str, tf.Tensor]], tf.Tensor],
-      batch_size: int,
-      drop_remainder: bool,
-  ) -> Iterator[data.Batch]:
-    """Numpy batches of {"image": preprocess(example), "label": int32}."""
-    ds = ds.map(
-        lambda ex: {"image": preprocess(ex), "label": tf.cast(ex["label"], tf.int32)},
-        num_parallel_calls=_AUTOTUNE,
-    )
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=_AUTOTUNE).prefetch(
-        _AUTOTUNE
-    )
-    options = tf.data.Options()
-    options.deterministic = True
-    return ds.with_options(options).as_numpy_iterator()
-
-  def train_batches(self, start_step: int = 0) -> Iterator[data.Batch]:
-    epoch, index = divmod(start_step, self._steps_per_epoch)
-    while True:
-      yield from self._batches(
-          self._read_train(epoch, index, self._steps_per_epoch),
-          lambda ex: preprocess_train(ex["image"], ex["seed"], self._config),
-          self._local_batch,
-          drop_remainder=True,
-      )
-      epoch, index = epoch + 1, 0
-
-  def eval_batches(self) -> Iterator[data.Batch]:
-    start, stop, shard_max = data.eval_shard(
-        self.info.num_eval_examples, self._process_index, self._process_count
-    )
-    size = self._local_eval_batch
-    num_batches = math.ceil(shard_max / size)
-    batches = iter(())
-    if start < stop:  # TFDS rejects empty slices.
-      batches = self._batches(
-          self._read_eval(start, stop),
-          lambda ex: preprocess_eval(ex["image"], self._config),
-          size,
-          drop_remainder=False,
-      )
-    # Processes with a shorter shard pad with fully masked batches, so that all
-    # run the collective eval step equally often.
-    empty = {
-        "image": np.zeros((0, *self.info.image_shape), np.float32),
-        "label": np.zeros((0,), np.int32),
-    }
-    for _ in range(num_batches):
-      yield data.pad_batch(next(batches, empty), size)
-
-
-def _skip_decoding() -> dict[str, Any]:
-  return {"image": tfds.decode.SkipDecoding()}
-
-
-def _imagenet(config: Any, process_index: int, process_count: int) -> data.Dataset:
-  """ILSVRC 2012 via TFDS, prepared from the manually downloaded tars."""
-  builder = tfds.builder("imagenet2012", data_dir=config.dataset.data_dir or None)
-  if not builder.is_prepared():
-    _prepare_imagenet(builder, config)
-  num_train = builder.info.splits["train"].num_examples
-  num_eval = builder.info.splits["validation"].num_examples
-  local_batch = config.global_batch_size // process_count
-  train_start, train_stop = _even_shard(num_train, process_index, process_count)
-
-  def read_train(epoch: int, first_step: int, steps_per_epoch: int) -> tf.data.Dataset:
-    epoch_seed = int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])
-    key = _seed_key(config.seed, epoch, process_index)
-    ds = builder.as_dataset(
-        split=f"train[{train_start}:{train_stop}]",
-        shuffle_files=True,
-        decoders=_skip_decoding(),
-        read_config=tfds.ReadConfig(shuffle_seed=epoch_seed, try_autocache=False),
-    )
-    ds = ds.shuffle(config.dataset.shuffle_buffer, seed=epoch_seed)
-    # Position within the epoch is counted before the resume skip, so a
-    # resumed example gets the seed it had in the uninterrupted run.
-    ds = ds.take(steps_per_epoch * local_batch).enumerate()
-    ds = ds.skip(first_step * local_batch)
-    return ds.map(
-        lambda i, ex: {"image": ex["image"], "label": ex["label"], "seed": _example_seed(key, i)}
-    )
-
-  def read_eval(start: int, stop: int) -> tf.data.Dataset:
-    return builder.as_dataset(
-        split=f"validation[{start}:{stop}]",
-        decoders=_skip_decoding(),
-        read_config=tfds.ReadConfig(try_autocache=False),
-    )
-
-  return _StreamingDataset(
-      config,
-      num_classes=builder.info.features["label"].num_classes,
-      num_train_examples=num_train,
-      num_eval_examples=num_eval,
-      read_train=read_train,
-      read_eval=read_eval,
-      process_index=process_index,
-      process_count=process_count,
-      class_names=data.imagenet_class_names(),
-  )
-
-
-def _prepare_imagenet(builder: tfds.core.DatasetBuilder, config: Any) -> None:
-  """Converts the manually downloaded tars once into TFDS records.
-
-  With several processes, prepare beforehand with one (e.g. a one-process
-  eval run): concurrent preparation into a shared data_dir would race.
-  """
-  manual_dir = config.dataset.manual_dir or os.path.join(
-      builder.data_dir_root, "downloads", "manual"
-  )
-  missing = [f for f in _IMAGENET_TARS if not tf.io.gfile.exists(os.path.join(manual_dir, f))]
-  if missing:
-    raise ConfigError(
-        f"config.dataset.manual_dir: imagenet2012 is not prepared in "
-        f"{builder.data_path} and needs a manual download from "
-        f"https://image-net.org/download-images: put ILSVRC2012_img_train.tar "
-        f"(~138 GB) and ILSVRC2012_img_val.tar (~6.3 GB) into {manual_dir} "
-        f"(missing: {', '.join(missing)}). TFDS converts them once into "
-        f"{builder.data_dir_root} (~155 GB more disk, hours); later runs reuse it."
-    )
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-
-
-def _image_folder(config: Any, process_index: int, process_count: int) -> data.Dataset:
-  """`dataset.root`/{train, test or val}/<class>/<image>: JPEG or PNG files.
-
-  Classes are the sorted class-folder names. Files that cannot be decoded are
-  found by one decoding pass over all files when the dataset is built, then
-  left out (their count is logged): a corrupt file skipped later, while
-  streaming, would shift every following batch and break exact resume.
-  """
-  root = config.dataset.root
-  if not root or not tf.io.gfile.isdir(root):
-    raise ConfigError(
-        f"config.dataset.root: {root!r} is not a directory; it "
-        "needs train/ and test/ (or val/) with one folder per class"
-    )
-  builder = tfds.folder_dataset.ImageFolder(root)
-  splits = builder.info.splits
-  eval_split = next((s for s in _FOLDER_EVAL_SPLITS if s in splits), None)
-  for split, name in (("train", "train"), (eval_split, "test (or val)")):
-    if split not in splits or splits[split].num_examples == 0:
-      raise ConfigError(
-          f"config.dataset.root: no images in {os.path.join(root, name)}; "
-          "expected <class>/<image>.jpg|.jpeg|.png below it"
-      )
-  train_paths, train_labels = _decodable_images(builder, "train", root)
-  eval_paths, eval_labels = _decodable_images(builder, eval_split, root)
-  mine = data.process_slice(config.global_batch_size, process_index, process_count)
-
-  def read_files(paths: np.ndarray, labels: np.ndarray, **extra: Any) -> tf.data.Dataset:
-    ds = tf.data.Dataset.from_tensor_slices({"path": paths, "label": labels, **extra})
-    return ds.map(
-        lambda ex: {**ex, "image": tf.io.read_file(ex["path"])}, num_parallel_calls=_AUTOTUNE
-    )
-
-  def read_train(epoch: int, first_step: int, steps_per_epoch: int) -> tf.data.Dataset:
-    # Global batch k of epoch e takes positions [k * B, (k + 1) * B) of a
-    # permutation drawn from (seed, e); this process keeps its slice of each.
-    order = np.random.default_rng([config.seed, epoch]).permutation(len(train_paths))
-    positions = np.arange(steps_per_epoch * config.global_batch_size)
-    positions = positions.reshape(steps_per_epoch, -1)[first_step:, mine].reshape(-1)
-    key = _seed_key(config.seed, epoch)
-    ids = order[positions]
-    ds = read_files(train_paths[ids], train_labels[ids], position=positions)
-    return ds.map(
-        lambda ex: {
-            "image": ex["image"],
-            "label": ex["label"],
-            "seed": _example_seed(key, ex["position"]),
-        }
-    )
-
-  def read_eval(start: int, stop: int) -> tf.data.Dataset:
-    return read_files(eval_paths[start:stop], eval_labels[start:stop])
-
-  return _StreamingDataset(
-      config,
-      num_classes=builder.info.features["label"].num_classes,
-      num_train_examples=len(train_paths),
-      num_eval_examples=len(eval_paths),
-      read_train=read_train,
-      read_eval=read_eval,
-      process_index=process_index,
-      process_count=process_count,
-      class_names=builder.info.features["label"].names,
-  )
-
-
-def _decodable_images(
-    builder: tfds.core.DatasetBuilder, split: str, root: str
-) -> tuple[np.ndarray, np.ndarray]:
-  """(paths, labels) of the split's decodable images, in the builder's fixed
-  order. Raises ConfigError if none decodes."""
-
-  def check(example: dict[str, tf.Tensor]) -> tuple[tf.Tensor, ...]:
-    # A full decode is the only reliable test (a truncated JPEG has a valid
-    # header). Its shape is returned, unused, so that the decode isn't pruned.
-    image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
-    return example["image/filename"], example["label"], tf.shape(image)
-
-  ds = builder.as_dataset(
-      split=split, decoders=_skip_decoding(), read_config=tfds.ReadConfig(try_autocache=False)
-  )
-  ds = ds.map(check, num_parallel_calls=_AUTOTUNE).ignore_errors()
-  valid = list(ds.as_numpy_iterator())
-  total = builder.info.splits[split].num_examples
-  split_dir = os.path.join(root, split)
-  if not valid:
-    raise ConfigError(
-        f"config.dataset.root: none of the {total} images in {split_dir} can be decoded"
-    )
-  if len(valid) < total:
-    logging.warning(
-        "imagefolder: skipping %d of %d images in %s that cannot be decoded",
-        total - len(valid),
-        total,
-        split_dir,
-    )
-  paths, labels, _ = zip(*valid)
-  return np.asarray(paths), np.asarray(labels, np.int64)
+_IN_MEMORY: dict[str, Callable[[Any, int, int], data.Dataset]] = {
+    "cifar10": _cifar10,
+    "mnist": _mnist,
+}

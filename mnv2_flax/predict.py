@@ -5,13 +5,12 @@ names with probabilities.
   python -m mnv2_flax.predict --model=EXPORT_DIR/model.tflite --json IMAGE...
 
 --model takes what `mnv2_flax.export` wrote: a SavedModel directory, a
-.tflite or an .onnx file, with export.json beside it. Images are read with
-PIL, converted to the model's channels (RGB or grayscale), centre-cropped and
-resized as evaluation does (input_pipeline.preprocess_eval: a centre square of
-dataset.eval_crop_fraction of the shorter side, the whole shorter side for
-datasets evaluated uncropped, bilinear resize), pixel values in [0, 255]; the
-model normalises them. An unreadable image prints a one-line error and the
-others are still predicted (exit status 1); usage errors exit with status 2.
+.tflite or an .onnx file, with export.json beside it. Images are decoded,
+converted, centre-cropped and resized by `images.eval_image`, exactly as
+evaluation does (every format Pillow reads, converted by the rule in
+mnv2_flax/images.py), pixel values in [0, 255]; the model normalises them.
+An unreadable image prints a one-line error and the others are still
+predicted (exit status 1); usage errors exit with status 2.
 """
 
 from __future__ import annotations
@@ -25,44 +24,22 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from mnv2_flax import cli, export
+from mnv2_flax import cli, export, images
 from mnv2_flax.cli import fail
 from mnv2_flax.errors import ConfigError
 
 EXIT_IMAGE_ERROR = 1
 
 
-def resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
-  """(H, W, C) -> (size, size, C) float32, as `tf.image.resize(..., "bilinear")`
-  (half-pixel centres, no antialiasing): the input pipeline's resize."""
-
-  def axis(n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    coords = (np.arange(size, dtype=np.float64) + 0.5) * (n_in / size) - 0.5
-    coords = np.clip(coords, 0, n_in - 1)
-    low = np.floor(coords).astype(np.int64)
-    high = np.minimum(low + 1, n_in - 1)
-    return low, high, (coords - low).astype(np.float32)
-
-  image = image.astype(np.float32)
-  y0, y1, wy = axis(image.shape[0])
-  x0, x1, wx = axis(image.shape[1])
-  rows = image[y0] * (1 - wy)[:, None, None] + image[y1] * wy[:, None, None]
-  return rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
-
-
 def load_image(path: str, spec: export.InputSpec) -> np.ndarray:
-  """An image file as the model's input: (size, size, channels) float32 in
-  [0, 255]. Raises OSError/ValueError for a missing or undecodable file."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  with Image.open(path) as image:
-    image = image.convert("L" if spec.channels == 1 else "RGB")
-    pixels = np.asarray(image)
-  pixels = pixels.reshape(*pixels.shape[:2], spec.channels)
-  height, width = pixels.shape[:2]
-  side = max(int(spec.crop_fraction * min(height, width)), 1)
-  top, left = (height - side) // 2, (width - side) // 2
-  return resize_bilinear(pixels[top : top + side, left : left + side], spec.image_size)
+  """An image file as the model's input, exactly as evaluation makes it
+  (`images.eval_image`): uint8 (size, size, channels). Raises OSError for a
+  missing file, images.DecodeError (a ValueError) for an undecodable one."""
+  with open(path, "rb") as f:
+    data = f.read()
+  return images.eval_image(
+      data, image_size=spec.image_size, crop_fraction=spec.crop_fraction, channels=spec.channels
+  )
 
 
 def read_export_info(model_path: str) -> dict[str, Any]:
@@ -122,7 +99,7 @@ class Predictor:
     for path in paths:
       try:
         images[path] = load_image(path, self.spec)
-      except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError.
+      except (OSError, images.DecodeError) as e:
         errors[path] = " ".join(str(e).split()) or type(e).__name__
     results = {}
     if images:

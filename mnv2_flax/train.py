@@ -200,13 +200,18 @@ def train_step(
       learning_rate=lr_fn(state.step),
       nonfinite=jnp.logical_not(finite).astype(jnp.int32),
   )
+  if "unreadable" in batch:  # Image files replaced by others (data.Dataset).
+    metrics["unreadable_images"] = jnp.sum(batch["unreadable"])
   return new_state, metrics
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, image_size: int) -> Metrics:
   images = prepare_images(batch["image"], image_size)
   logits = state.apply_fn(state.eval_variables(), images, train=False)
-  return classification_metrics(logits, batch["label"], batch["mask"])
+  sums = classification_metrics(logits, batch["label"], batch["mask"])
+  if "unreadable" in batch:  # Image files left out (data.Dataset).
+    sums["unreadable_images"] = jnp.sum(batch["unreadable"])
+  return sums
 
 
 # --- set-up ----------------------------------------------------------------------
@@ -270,9 +275,18 @@ def create_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mes
   )
 
 
-def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Setup:
+def setup(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    mode: str = "train",
+    class_names: tuple[str, ...] = (),
+) -> Setup:
   """Validates the config, builds the dataset, model, optimizer and steps on
-  `mesh` (default: `create_mesh()`, all devices)."""
+  `mesh` (default: `create_mesh()`, all devices).
+
+  mode and class_names go to `datasets.create_dataset`: "eval" reads only the
+  evaluation split, labelled by a checkpoint's class names."""
   mesh = create_mesh() if mesh is None else mesh
   config_lib.validate(config, mesh.size)
   if config.model.dtype == "float64" and not jax.config.jax_enable_x64:
@@ -281,7 +295,11 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
         "(the command line sets it; in Python: jax.config.update('jax_enable_x64', True))"
     )
   dataset = datasets.create_dataset(
-      config, process_index=jax.process_index(), process_count=jax.process_count()
+      config,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      mode=mode,
+      class_names=class_names,
   )
   info = dataset.info
   steps_per_epoch = max(info.num_train_examples // config.global_batch_size, 1)
@@ -358,12 +376,15 @@ def evaluate_dataset(s: Setup, state: TrainState) -> dict[str, float]:
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   count = totals.pop("count")
+  unreadable = totals.pop("unreadable_images", None)
   results = {k: v / count for k, v in totals.items()}
   if not np.isfinite(results["loss"]):
     raise errors.NonFiniteError(
         f"non-finite eval loss ({results['loss']}) of the weights at step {int(state.step)}"
     )
   results["num_examples"] = int(round(count))
+  if unreadable is not None:
+    results["unreadable_images"] = int(round(unreadable))
   return results
 
 
@@ -550,6 +571,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         fetched = jax.device_get(pending)
         summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         summary["skipped_updates"] = summary.pop("nonfinite") * len(fetched)
+        if "unreadable_images" in summary:  # A count, like skipped_updates.
+          summary["unreadable_images"] *= len(fetched)
         summary["images_per_s"] = (
             len(fetched) * config.global_batch_size / (time.time() - interval_start)
         )
@@ -566,7 +589,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return {"preempted_at_step": step}
     check_finite()
     ckpt.save(step, state)
-    results = evaluate_and_log(s, state, ckpt, writer, step)
+    if s.dataset.info.num_eval_examples:
+      results = evaluate_and_log(s, state, ckpt, writer, step)
+    else:
+      logging.warning("The dataset has no evaluation split: the run is not evaluated.")
+      results = {}
     results.update(step=step, wall_clock_s=time.time() - start_time)
     write_results(workdir, results)
     return results
@@ -597,7 +624,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   config = with_checkpoint_settings(
       config, directory, config_lib.WEIGHT_KEYS + config_lib.RECIPE_KEYS
   )
-  s = setup(config)
+  settings = checkpoint.read_settings(directory) or {}
+  s = setup(config, mode="eval", class_names=tuple(settings.get("class_names", ())))
   ckpt = checkpoint.Checkpointer(directory, keep=1, read_only=True)
   target = abstract_state(s)
   latest = ckpt.latest_step()

@@ -134,9 +134,9 @@ BAD_INPUTS = [
         "config.dataset.eval_crop_fraction:",
     ),
     (
-        "zero shuffle buffer",
-        ["--config.dataset.shuffle_buffer=0"],
-        "config.dataset.shuffle_buffer: must be an int >= 1, got 0",
+        "negative worker count",
+        ["--config.dataset.workers=-2"],
+        "config.dataset.workers: must be an int >= -1, got -2",
     ),
     ("negative seed", ["--config.seed=-1"], "config.seed: must be an int >= 0, got -1"),
     (

@@ -22,7 +22,8 @@ FOLDER_CLASSES = ("field", "forest", "river")
 
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory) -> str:
-  """train/ and test/ of 3 classes of random PNGs (4 and 2 per class)."""
+  """train/ and test/ of 3 classes of random TIFFs (4 and 2 per class), as
+  UC Merced, the land-use set of the README's fine-tuning example, ships."""
   root = tmp_path_factory.mktemp("scenes")
   rng = np.random.default_rng(0)
   for split, count in (("train", 4), ("test", 2)):
@@ -30,7 +31,7 @@ def image_root(tmp_path_factory) -> str:
       os.makedirs(root / split / name)
       for i in range(count):
         pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+        Image.fromarray(pixels).save(root / split / name / f"{i}.tif")
   return str(root)
 
 
@@ -65,6 +66,7 @@ def finetune(image_root: str, pretrained: str, workdir: str, **overrides):
       **{
           "dataset.name": "imagefolder",
           "dataset.root": image_root,
+          "dataset.workers": 0,
           "checkpoint_path": pretrained,
           "global_batch_size": 4,
           "eval_batch_size": 6,

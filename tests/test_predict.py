@@ -53,24 +53,6 @@ def _predict_cli(*args):
   return proc
 
 
-def test_load_image_crops_and_resizes_as_eval(tmp_path):
-  spec = export.InputSpec(4, 3, (0.5,) * 3, (0.25,) * 3, 0.5, "imagenet2012", ("a", "b"))
-  pixels = np.zeros((8, 16, 3), np.uint8)
-  pixels[2:6, 6:10] = 200  # The centre square of half the shorter side.
-  Image.fromarray(pixels).save(tmp_path / "x.png")
-  image = predict.load_image(str(tmp_path / "x.png"), spec)
-  assert image.shape == (4, 4, 3) and image.dtype == np.float32
-  np.testing.assert_allclose(image, 200)
-
-
-def test_resize_matches_tensorflow():
-  tf = pytest.importorskip("tensorflow")
-  image = np.random.default_rng(0).uniform(0, 255, (13, 9, 3)).astype(np.float32)
-  for size in (4, 16):
-    expected = tf.image.resize(image, (size, size), method="bilinear").numpy()
-    np.testing.assert_allclose(predict.resize_bilinear(image, size), expected, atol=1e-3)
-
-
 @pytest.mark.slow
 def test_checkpoint_predicts_files_and_reports_bad_ones(images):
   checkpoint_path, _ = trained_digits()
