@@ -95,16 +95,16 @@ class Predictor:
 
   def predict_files(self, paths: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """({path: probabilities}, {path: one-line error}) for image files."""
-    images, errors = {}, {}
+    pixels, errors = {}, {}
     for path in paths:
       try:
-        images[path] = load_image(path, self.spec)
+        pixels[path] = load_image(path, self.spec)
       except (OSError, images.DecodeError) as e:
         errors[path] = " ".join(str(e).split()) or type(e).__name__
     results = {}
-    if images:
-      probabilities = self.predict(np.stack(list(images.values())))
-      results = dict(zip(images, probabilities))
+    if pixels:
+      probabilities = self.predict(np.stack(list(pixels.values())))
+      results = dict(zip(pixels, probabilities))
     return results, errors
 
   def top_k(self, probabilities: np.ndarray, k: int = 5) -> list[tuple[str, int, float]]:
