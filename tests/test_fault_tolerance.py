@@ -161,11 +161,3 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
   ):
     train.train_and_evaluate(tiny_config(), str(tmp_path))
   assert checkpoint_steps(tmp_path / "checkpoints") == [4]
-
-
-def test_skip_nonfinite_updates_keeps_training(tmp_path, monkeypatch):
-  poison_step(monkeypatch, 6)
-  results = train.train_and_evaluate(tiny_config(skip_nonfinite_updates=True), str(tmp_path))
-  assert results["step"] == STEPS and np.isfinite(results["loss"])
-  params, _, _ = final_variables(tmp_path)
-  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
