@@ -2,16 +2,20 @@
 
   python -m mnv2_flax.benchmark                          # this project only
   python -m mnv2_flax.benchmark --compare=keras --json=cpu.json
-  python -m mnv2_flax.benchmark --pipeline --skip_model  # tf.data only
+  python -m mnv2_flax.benchmark --pipeline --skip_model  # input pipeline only
 
 The JAX numbers come from the trainer's own jitted step (`train.setup` with the
 "synthetic" dataset): one batch placed on device once, so no input cost. Keras
 3 (TensorFlow backend) and torchvision run in the same process on the same
-numpy batch. `--pipeline` times the project's tf.data training preprocessing
-against a bare decode-crop-resize-flip map on generated ImageNet-sized JPEGs.
+numpy batch. `--pipeline` times the training input pipeline on generated
+ImageNet-sized JPEGs, images/s per worker: this project's
+(`images.train_image` + normalisation in Grain worker processes) against the
+tf.data pipeline it replaced (kept here as a reference), with as many tf.data
+threads as Grain workers.
 
-The JAX part never imports TensorFlow (GPU images need not have it); Keras,
-TensorFlow and PyTorch are imported only by the parts that use them. Columns
+The JAX part and this project's pipeline never import TensorFlow (GPU images
+need not have it); Keras, TensorFlow (the tf.data reference) and PyTorch are
+imported only by the parts that use them. Columns
 and recorded numbers: docs/benchmarks.md.
 """
 
@@ -19,21 +23,24 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import io
 import json
 import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import cv2
 import jax
 import ml_collections
 import numpy as np
+from PIL import Image
 
-from mnv2_flax import allocator, config_lib, layers, models, train
+from mnv2_flax import allocator, config_lib, images, layers, models, train
 
 Result = dict[str, Any]
 # Also the order they run in: torchvision's import segfaults once TensorFlow is
@@ -79,14 +86,24 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       help="Keras' XLA switch; auto is Keras' default (off on CPU).",
   )
   parser.add_argument(
-      "--pipeline", action="store_true", help="Also time the tf.data training input pipeline."
+      "--pipeline",
+      action="store_true",
+      help="Also time the training input pipeline against the tf.data reference.",
   )
   parser.add_argument("--pipeline_images", type=int, default=200, help="Number of generated JPEGs.")
   parser.add_argument(
       "--pipeline_batches",
       type=int,
       default=50,
-      help="Timed batches per pipeline and thread count.",
+      help="Timed batches per pipeline, worker count and repeat.",
+  )
+  parser.add_argument(
+      "--pipeline_workers",
+      default="",
+      help="Comma list of worker (tf.data: thread) counts; default 1 and the core count.",
+  )
+  parser.add_argument(
+      "--pipeline_repeats", type=int, default=3, help="Measurements of each pipeline and count."
   )
   parser.add_argument(
       "--skip_model", action="store_true", help="Skip the model benchmarks (with --pipeline)."
@@ -104,6 +121,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.error("--steps must be >= 1 and --warmup >= 0")
   if args.skip_model and not args.pipeline:
     parser.error("--skip_model without --pipeline leaves nothing to measure")
+  try:
+    workers = [int(n) for n in args.pipeline_workers.split(",") if n]
+  except ValueError:
+    workers = [0]
+  if any(n < 1 for n in workers) or args.pipeline_repeats < 1:
+    parser.error("--pipeline_workers must be positive integers and --pipeline_repeats >= 1")
+  args.pipeline_workers = sorted(set(workers or {1, num_cores()}))
   return args
 
 
@@ -185,13 +209,17 @@ def describe_device() -> str:
   device = jax.devices()[0]
   if device.platform != "cpu":
     return f"{device.platform}: {device.device_kind} x{jax.device_count()}"
+  return f"cpu: {describe_cpu()}"
+
+
+def describe_cpu() -> str:
   model = "unknown CPU"
   with open("/proc/cpuinfo") as f:
     for line in f:
       if line.startswith("model name"):
         model = line.split(":", 1)[1].strip()
         break
-  return f"cpu: {model}, {num_cores()} cores"
+  return f"{model}, {num_cores()} cores"
 
 
 # --- JAX (this project) ------------------------------------------------------------
@@ -366,40 +394,102 @@ def benchmark_torch(args: argparse.Namespace, batch: dict[str, np.ndarray]) -> R
 # --- input pipeline ----------------------------------------------------------------
 
 
-def write_jpegs(directory: str, count: int, seed: int = 0) -> list[str]:
+def generate_jpegs(count: int, seed: int = 0) -> list[bytes]:
   """ImageNet-like JPEGs (500x375, quality 90, ~75 KB): smooth random colour
   fields at four scales, whose fine texture sets the compressed size."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   rng = np.random.default_rng(seed)
   octaves = (((6, 8), 90.0), ((24, 32), 45.0), ((94, 125), 25.0), ((JPEG_HEIGHT, JPEG_WIDTH), 8.0))
-  paths = []
-  for i in range(count):
-    image = np.full((1, JPEG_HEIGHT, JPEG_WIDTH, 3), 128.0, np.float32)
+  encoded = []
+  for _ in range(count):
+    image = np.full((JPEG_HEIGHT, JPEG_WIDTH, 3), 128.0, np.float32)
     for shape, amplitude in octaves:
-      noise = rng.normal(0.0, amplitude, (1, *shape, 3)).astype(np.float32)
-      image += tf.image.resize(noise, (JPEG_HEIGHT, JPEG_WIDTH), "bicubic").numpy()
-    pixels = tf.cast(tf.clip_by_value(image[0], 0, 255), tf.uint8)
-    paths.append(os.path.join(directory, f"{i:04d}.jpg"))
-    tf.io.write_file(paths[-1], tf.io.encode_jpeg(pixels, quality=JPEG_QUALITY))
-  return paths
+      noise = rng.normal(0.0, amplitude, (*shape, 3)).astype(np.float32)
+      image += cv2.resize(noise, (JPEG_WIDTH, JPEG_HEIGHT), interpolation=cv2.INTER_CUBIC)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
+        buffer, format="JPEG", quality=JPEG_QUALITY
+    )
+    encoded.append(buffer.getvalue())
+  return encoded
 
 
-def benchmark_pipeline(args: argparse.Namespace) -> Result:
-  """Images/s of (a) the project's training preprocessing and (b) a bare
-  decode_and_crop_jpeg + resize + flip map, each batched, with tf.data limited
-  to 1 thread (per core) and to all cores."""
-  quiet_tensorflow()
+def _grain_images_per_s(
+    encoded: Sequence[bytes],
+    workers: int,
+    config: ml_collections.ConfigDict,
+    args: Any,
+    *,
+    processes: bool,
+) -> float:
+  """images.train_image in Grain, `workers` worker processes (processes=True:
+  uint8 batches through shared memory) or threads of this process, then
+  images.normalize as the training loop takes each batch."""
+  import grain  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags.
+    flags.FLAGS.mark_as_parsed()
+  mean, std = _pixel_stats(config)
+  train_image = functools.partial(
+      images.train_image,
+      image_size=args.image_size,
+      area_min=config.dataset.crop_area_min,
+      channels=3,
+  )
+  batches = (
+      grain.MapDataset.source(list(encoded))
+      .repeat()
+      .seed(config.seed)
+      .random_map(train_image)  # train_image(bytes, rng): its own rng per position.
+      .batch(args.batch_size, drop_remainder=True)
+  )
+  if processes:
+    # Each worker decodes in one thread, two batches ahead.
+    stream = batches.to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+    ).mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+  else:
+    stream = batches.to_iter_dataset(
+        grain.ReadOptions(num_threads=workers, prefetch_buffer_size=2 * workers)
+    )
+  iterator = iter(stream)
+  try:
+    times = time_calls(
+        lambda: images.normalize(next(iterator), mean, std),
+        args.warmup + 2 * workers + 2,  # Start-up, then the workers' buffers.
+        args.pipeline_batches,
+    )
+  finally:
+    iterator.close()
+  return args.batch_size * len(times) / sum(times)
+
+
+def _pixel_stats(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, std) of the config in 0..255 pixel units, float32."""
+  return (
+      np.asarray(config.dataset.mean, np.float32) * 255,
+      np.asarray(config.dataset.std, np.float32) * 255,
+  )
+
+
+def _tf_data_images_per_s(
+    encoded: Sequence[bytes], threads: int, config: ml_collections.ConfigDict, args: Any
+) -> float:
+  """The tf.data training pipeline this project had until 2026-12 (a reference
+  kept here): the random-resized crop decoded straight from the JPEG
+  (decode_and_crop_jpeg, accurate integer DCT: Pillow's pixels), bilinear
+  resize, normalisation, flip; one tf.data map on `threads` threads."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  from mnv2_flax import input_pipeline  # pylint: disable=g-import-not-at-top
+  size = args.image_size
+  mean, std = _pixel_stats(config)
+  # Full-size constants: TF's broadcast of a 3-vector over an image costs
+  # about as much as decoding the JPEG (measured 0.8 vs 1 ms at 224x224).
+  ones = np.ones((size, size, 3), np.float32)
 
-  config = make_config(args)
-
-  def bare(image_bytes: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    # The same crop distribution as the project's, so decoding costs the same.
+  def preprocess(image_bytes: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.io.extract_jpeg_shape(image_bytes),
         tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
         seed=crop_seed,
@@ -408,56 +498,91 @@ def benchmark_pipeline(args: argparse.Namespace) -> Result:
         area_range=(config.dataset.crop_area_min, 1.0),
         max_attempts=10,
     )
-    window = tf.stack([begin[0], begin[1], size[0], size[1]])
-    image = tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
-    image = tf.image.resize(image, (args.image_size, args.image_size), "bilinear")
+    window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
+    image = tf.io.decode_and_crop_jpeg(
+        image_bytes, window, channels=3, dct_method="INTEGER_ACCURATE"
+    )
+    image = tf.image.resize(image, (size, size), "bilinear")
+    image = (image - mean * ones) * (ones / std)
     return tf.image.stateless_random_flip_left_right(image, flip_seed)
 
-  preprocessors = {
-      "project": lambda image_bytes, seed: input_pipeline.preprocess_train(
-          image_bytes, seed, config
-      ),
-      "bare": bare,
-  }
-  with tempfile.TemporaryDirectory() as directory:
-    paths = write_jpegs(directory, args.pipeline_images)
-    encoded = [tf.io.read_file(p).numpy() for p in paths]
   key = tf.constant([config.seed, 0], tf.int64)
+  ds = (
+      tf.data.Dataset.from_tensor_slices(list(encoded))
+      .repeat()
+      .enumerate()
+      .map(
+          lambda i, image_bytes: preprocess(
+              image_bytes, tf.random.experimental.stateless_fold_in(key, i)
+          ),
+          num_parallel_calls=tf.data.AUTOTUNE,
+      )
+  )
+  ds = ds.batch(args.batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+      tf.data.AUTOTUNE
+  )
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = threads
+  options.threading.max_intra_op_parallelism = 1
+  batches = ds.with_options(options).as_numpy_iterator()
+  times = time_calls(lambda: next(batches), args.warmup + 2, args.pipeline_batches)
+  return args.batch_size * len(times) / sum(times)
 
-  def images_per_s(preprocess: Callable[..., tf.Tensor], threads: int) -> float:
-    ds = (
-        tf.data.Dataset.from_tensor_slices(encoded)
-        .repeat()
-        .enumerate()
-        .map(
-            lambda i, image_bytes: preprocess(
-                image_bytes, tf.random.experimental.stateless_fold_in(key, i)
-            ),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-    )
-    ds = ds.batch(
-        args.batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE
-    ).prefetch(tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.threading.private_threadpool_size = threads
-    options.threading.max_intra_op_parallelism = 1
-    batches = ds.with_options(options).as_numpy_iterator()
-    times = time_calls(lambda: next(batches), args.warmup + 1, args.pipeline_batches)
-    return args.batch_size * len(times) / sum(times)
 
-  thread_counts = sorted({1, num_cores()})
-  result: Result = {
-      name: {f"threads_{n}": images_per_s(fn, n) for n in thread_counts}
-      for name, fn in preprocessors.items()
+PIPELINES = ("tf_data", "images_processes", "images_threads")
+
+
+def benchmark_pipeline(args: argparse.Namespace) -> Result:
+  """Training images/s of the input pipeline, without the model, on the same
+  generated JPEGs: this project's (images.train_image in Grain, in worker
+  processes or in threads, then images.normalize) and the tf.data reference,
+  each with 1 and all cores' worth of workers (tf.data: threads). Repeats
+  alternate the pipelines, so that all see the same drift of a shared machine."""
+  config = make_config(args)
+  encoded = generate_jpegs(args.pipeline_images)
+  runners: dict[str, Callable[..., float]] = {
+      "images_processes": functools.partial(_grain_images_per_s, processes=True),
+      "images_threads": functools.partial(_grain_images_per_s, processes=False),
   }
-  result["project_over_bare"] = {
-      k: result["project"][k] / result["bare"][k] for k in result["project"]
-  }
+  result: Result = {}
+  try:
+    quiet_tensorflow()
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    runners = {"tf_data": _tf_data_images_per_s, **runners}
+    result["tensorflow"] = tf.__version__
+  except ImportError as e:
+    result["tf_data"] = {"skipped": f"TensorFlow is not installed ({e})"}
+  runs: dict[str, dict[int, list[float]]] = {name: {} for name in runners}
+  for _ in range(args.pipeline_repeats):
+    for workers in args.pipeline_workers:
+      for name, runner in runners.items():
+        runs[name].setdefault(workers, []).append(runner(encoded, workers, config, args))
+  for name, by_workers in runs.items():
+    result[name] = {
+        f"workers_{n}": {
+            "images_per_s": statistics.median(rates),
+            "per_worker": statistics.median(rates) / n,
+            "min": min(rates),
+            "max": max(rates),
+            "runs": rates,
+        }
+        for n, rates in by_workers.items()
+    }
+  if "tf_data" in runs:
+    result["over_tf_data"] = {
+        name: {
+            key: result[name][key]["images_per_s"] / result["tf_data"][key]["images_per_s"]
+            for key in result[name]
+        }
+        for name in runs
+        if name != "tf_data"
+    }
   result.update(
       num_images=len(encoded),
       mean_jpeg_kb=sum(map(len, encoded)) / len(encoded) / 1024,
-      version=f"tensorflow {tf.__version__}",
+      cpu=describe_cpu(),
   )
   return result
 
@@ -508,16 +633,30 @@ def markdown_tables(results: Result) -> str:
       lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [""] + [f"{k}: {v:.2f}x" for k, v in results.get("ratios", {}).items()]
   if "pipeline" in results:
-    p = results["pipeline"]
-    threads = list(p["project"])
     lines += [""] if lines else []
-    lines += [
-        "| pipeline | " + " | ".join(f"img/s ({t.replace('_', ' ')})" for t in threads) + " |",
-        "|---" * (len(threads) + 1) + "|",
-    ]
-    for name in ("project", "bare", "project_over_bare"):
-      lines.append(f"| {name} | " + " | ".join(f"{p[name][t]:.2f}" for t in threads) + " |")
+    lines += pipeline_table(results["pipeline"])
   return "\n".join(lines)
+
+
+def pipeline_table(p: Result) -> list[str]:
+  """Per pipeline and worker count: images/s per worker (median of the
+  repeats, and the range), in all, and relative to tf.data."""
+  lines = [
+      "| pipeline | workers | img/s per worker: median (min-max) | img/s in all | / tf_data |",
+      "|---|---|---|---|---|",
+  ]
+  for name in PIPELINES:
+    if "skipped" in p.get(name, {}):
+      lines.append(f"| {name} | skipped: {p[name]['skipped']} | | | |")
+      continue
+    for key, r in p.get(name, {}).items():
+      n = int(key.split("_")[1])
+      ratio = p.get("over_tf_data", {}).get(name, {}).get(key)
+      lines.append(
+          f"| {name} | {n} | {r['per_worker']:.0f} ({r['min'] / n:.0f}-{r['max'] / n:.0f}) "
+          f"| {r['images_per_s']:.0f} | {'' if ratio is None else f'{ratio:.2f}x'} |"
+      )
+  return lines
 
 
 def main(argv: Sequence[str]) -> Result:

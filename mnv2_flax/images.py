@@ -209,4 +209,4 @@ def train_image(
   """
   pixels = decode(data, channels)
   out = _crop_resize(pixels, random_window(*pixels.shape[:2], rng, area_min), image_size)
-  return np.ascontiguousarray(out[:, ::-1]) if rng.random() < 0.5 else out
+  return cv2.flip(out, 1).reshape(out.shape) if rng.random() < 0.5 else out

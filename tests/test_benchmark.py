@@ -144,10 +144,13 @@ def test_pipeline(tmp_path):
       "--batch_size=2",
       "--pipeline_images=4",
       "--pipeline_batches=2",
+      "--pipeline_workers=1",
+      "--pipeline_repeats=1",
       "--warmup=0",
   )
   assert "jax" not in results
   pipeline = results["pipeline"]
-  for name in ("project", "bare", "project_over_bare"):
-    assert_positive_finite(pipeline[name], pipeline[name])
+  for name in benchmark.PIPELINES:
+    assert_positive_finite(pipeline[name]["workers_1"], ("images_per_s", "per_worker"))
+  assert set(pipeline["over_tf_data"]) == {"images_processes", "images_threads"}
   assert 40 < pipeline["mean_jpeg_kb"] < 120  # ImageNet-like, ~75 KB.

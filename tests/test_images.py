@@ -217,6 +217,7 @@ def test_resize_is_half_pixel_bilinear():
   np.testing.assert_array_equal(gray, np.floor(blocks[:, :, :1] + 0.5))
 
 
+@pytest.mark.slow  # Importing TensorFlow.
 def test_resize_matches_tensorflow():
   tf = pytest.importorskip("tensorflow")
   pixels = np.random.default_rng(0).integers(0, 256, (13, 9, 3), dtype=np.uint8)
