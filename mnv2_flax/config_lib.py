@@ -127,6 +127,10 @@ KEYS: tuple[Key, ...] = (
     Key("dataset.crop_area_min", 0.08, _float(0, 1, low_open=True)),
     # Center crop, then resize.
     Key("dataset.eval_crop_fraction", 0.875, _float(0, 1, low_open=True)),
+    # Evaluation geometry: "crop" (the centre square of eval_crop_fraction,
+    # resized) or "stretch" (the whole image resized, aspect ratio not kept:
+    # what Keras' image_dataset_from_directory feeds a fine-tuned model).
+    Key("dataset.eval_resize", "crop", _choice(("crop", "stretch"))),
     Key("model.width_multiplier", 0.5, _POSITIVE),
     # t of every block with t > 1 (the paper's 6).
     Key("model.expansion", 6, _int(low=1)),
@@ -156,6 +160,10 @@ KEYS: tuple[Key, ...] = (
     # "auto" | "xla" | "taps"; see layers.py.
     Key("model.conv_impl", "auto", _choice(layers.CONV_IMPLS)),
     Key("model.remat", False, _BOOL),  # Rematerialise each block to save memory.
+    # What the model outputs: "classifier" (logits of dataset.num_classes) or
+    # "features" (the pooled features before the classifier, which it lacks:
+    # timm's num_classes=0; dataset.num_classes is then unused).
+    Key("model.head", "classifier", _choice(models.HEADS)),
     # "sgd" (momentum) | "rmsprop".
     Key("optimizer.name", "sgd", _choice(("sgd", "rmsprop"))),
     Key("optimizer.learning_rate", 0.1, _POSITIVE),  # Peak lr at global_batch_size.
@@ -237,13 +245,15 @@ WEIGHT_KEYS = (
     "dataset.std",
 )
 # The recipe they were evaluated with: applied to evaluate, export and predict,
-# not to fine-tune (which may pick its own resolution, strides and classes).
+# not to fine-tune (which may pick its own resolution, strides, classes and head).
 RECIPE_KEYS = (
     "model.stem_stride",
     "model.stage_strides",
     "dataset.image_size",
     "dataset.eval_crop_fraction",
+    "dataset.eval_resize",
     "dataset.num_classes",
+    "model.head",
 )
 
 

@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
-from mnv2_flax import checkpoint, config_lib, models
+from mnv2_flax import checkpoint, cli, config_lib, models
 from mnv2_flax.cli import fail
 from mnv2_flax.errors import ConfigError
 
@@ -284,11 +286,19 @@ def settings(
     image_size: int = 224,
     eval_crop_fraction: float | None = None,
     weights_version: str = "V1",
+    *,
+    head: str = "classifier",
+    eval_resize: str = "crop",
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+    dataset: str = "imagenet2012",
 ) -> dict[str, Any]:
   """The checkpoint settings (config_lib.WEIGHT_KEYS + RECIPE_KEYS) of
   weights from `source`: what the model needs to compute the source's
   function, and the evaluation recipe the weights were published with.
-  `weights_version` picks torchvision's crop (V1: resize 256, V2: 232)."""
+  `weights_version` picks torchvision's crop (V1: resize 256, V2: 232);
+  `normalization` (mean, std in [0, 1] units) replaces the source's default
+  (a Keras model's own preprocessing layers); `dataset` is what the weights
+  were trained on (recorded: export calibrates int8 on it)."""
   if source not in SOURCES:
     raise ConversionError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
   tf_like = source in ("keras", "slim")
@@ -313,10 +323,14 @@ def settings(
   config.model.stage_strides = models.PAPER_STAGE_STRIDES
   config.dataset.mean = TF_MEAN if tf_like else IMAGENET_MEAN
   config.dataset.std = TF_STD if tf_like else IMAGENET_STD
+  if normalization is not None:
+    config.dataset.mean, config.dataset.std = (tuple(float(v) for v in n) for n in normalization)
   config.dataset.image_size = image_size
   config.dataset.eval_crop_fraction = eval_crop_fraction
+  config.dataset.eval_resize = eval_resize
   config.dataset.num_classes = num_classes
-  config.dataset.name = "imagenet2012"  # What the published weights were trained on.
+  config.dataset.name = dataset
+  config.model.head = head
   config_lib.validate(config, device_count=1)
   return config_lib.settings_of(config, num_classes)
 
@@ -354,7 +368,7 @@ def convert_arrays(
   for entry in entries:
     if entry.source not in arrays:
       raise ConversionError(
-          f"{what} lack {entry.source} (for {entry.ours}): not a MobileNetV2 of this layout"
+          f"{what} lacks {entry.source} (for {entry.ours}): not a MobileNetV2 of this layout"
       )
     value = np.asarray(arrays[entry.source])
     converted = np.ascontiguousarray(entry.transform(value), dtype=np.float32)
@@ -374,7 +388,7 @@ def convert_arrays(
   unknown = sorted(name for name in arrays if name not in consumed and not ignore(name))
   if unknown:
     raise ConversionError(
-        f"{what} hold {len(unknown)} unknown weights, e.g. {unknown[0]}: not a MobileNetV2 of "
+        f"{what} holds {len(unknown)} unknown weights, e.g. {unknown[0]}: not a MobileNetV2 of "
         "this layout"
     )
   return variables
@@ -390,19 +404,39 @@ def _convert(
     ignore: Callable[[str], bool] = lambda name: False,
     what: str = "",
     conv_impl: str = "xla",
+    head: str = "classifier",
 ) -> tuple[models.MobileNetV2, dict[str, Any]]:
+  """A features head drops the classifier's entries (and ignores a classifier
+  the source may hold)."""
   # The recipe keys (image size, crop) do not change the model.
   model, _ = checkpoint.model_from_settings(
-      settings(source, width_multiplier, num_classes), conv_impl
+      settings(source, width_multiplier, max(num_classes, 2), head=head), conv_impl
   )
   entries = table(source) if entries is None else entries
+  if head == "features":
+    classifier = {e.source for e in entries if e.ours.startswith("params/classifier/")}
+    entries = [e for e in entries if e.source not in classifier]
+    ignore_source = ignore
+    ignore = lambda name: ignore_source(name) or name in classifier  # noqa: E731
   return model, convert_arrays(arrays, entries, model, ignore, what)
 
 
 def _num_classes(arrays: Mapping[str, np.ndarray], name: str, axis: int, what: str) -> int:
-  if name not in arrays:
-    raise ConversionError(f"{what} lack {name}: a MobileNetV2 with its classifier is needed")
-  return int(np.shape(arrays[name])[axis])
+  """The classifier's class count; 0 where the source has no classifier (a
+  features model)."""
+  return int(np.shape(arrays[name])[axis]) if name in arrays else 0
+
+
+def _head(num_classes: int, head: str | None, classifier: str, what: str) -> str:
+  """The head to import: `head`, or "features" when the source has no
+  classifier (timm's num_classes=0, Keras' include_top=False)."""
+  if head is None:
+    return "classifier" if num_classes else "features"
+  if head not in models.HEADS:
+    raise ConversionError(f"head must be one of {', '.join(models.HEADS)}, got {head!r}")
+  if head == "classifier" and not num_classes:
+    raise ConversionError(f"{what} lacks {classifier}: no classifier to import (head='features')")
+  return head
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -447,23 +481,37 @@ def check_keras_width(alpha: float) -> None:
       )
 
 
+def _keras_weight_key(layer: str, weight: str) -> str:
+  """ "layer/variable" of a Keras weight: Keras 3 names ("kernel", or paths
+  such as "mobilenetv2_1.00_224/Conv1/kernel") and tf.keras 2's ("kernel:0",
+  "depthwise_kernel") alike."""
+  parts = weight.split(":")[0].split("/")
+  name = "kernel" if parts[-1] == "depthwise_kernel" else parts[-1]
+  return f"{parts[-2] if len(parts) > 1 else layer}/{name}"
+
+
 def keras_arrays(keras_model: Any) -> dict[str, np.ndarray]:
-  """ "layer/variable" -> value of every weight of a Keras model (Keras 3; tf.keras
-  2 names such as "kernel:0" and "depthwise_kernel" are normalised)."""
+  """ "layer/variable" -> value of every weight of a Keras model, nested
+  models' layers included (Keras 3; tf.keras 2 names such as "kernel:0" and
+  "depthwise_kernel" are normalised)."""
   arrays = {}
   for layer in keras_model.layers:
+    if hasattr(layer, "layers"):  # A nested Functional or Sequential model.
+      arrays.update(keras_arrays(layer))
+      continue
     for weight in layer.weights:
-      name = weight.name.split("/")[-1].split(":")[0]
-      if name == "depthwise_kernel":
-        name = "kernel"
-      arrays[f"{layer.name}/{name}"] = np.asarray(weight.numpy())
+      arrays[_keras_weight_key(layer.name, weight.name)] = np.asarray(weight.numpy())
   return arrays
 
 
 def keras_alpha(keras_model: Any) -> float | None:
   """The alpha in a `keras.applications.MobileNetV2`'s default name
   ("mobilenetv2_1.00_224"), or None."""
-  parts = str(getattr(keras_model, "name", "")).split("_")
+  return _alpha_of_name(str(getattr(keras_model, "name", "")))
+
+
+def _alpha_of_name(name: str) -> float | None:
+  parts = name.split("_")
   if len(parts) == 3 and parts[0] == "mobilenetv2":
     try:
       return float(parts[1])
@@ -472,42 +520,486 @@ def keras_alpha(keras_model: Any) -> float | None:
   return None
 
 
+# Layers of keras.applications.MobileNetV2, by name (in a transfer-learning
+# model they may sit in the outer model: "flattened").
+_KERAS_BACKBONE_NAME = re.compile(
+    r"(Conv1|bn_Conv1|Conv1_relu|Conv1_pad|expanded_conv_\w+|block_\d+_\w+|Conv_1|Conv_1_bn|out_relu)"
+)
+_KERAS_MODEL_CLASSES = ("Functional", "Model", "Sequential")
+# Inference no-ops: augmentation (Keras 3 and tf.keras 2 names) and dropout.
+_KERAS_AUGMENTATION = ("RandAugment", "AugMix", "MixUp", "CutMix", "Solarization")
+_KERAS_DROPOUT = ("Dropout", "AlphaDropout", "GaussianDropout", "GaussianNoise")
+# Arithmetic with a constant: Keras 3 operations and tf.keras 2's TFOpLambda functions.
+_KERAS_ARITHMETIC = {
+    "TrueDivide": "divide",
+    "Divide": "divide",
+    "Subtract": "subtract",
+    "Add": "add",
+    "Multiply": "multiply",
+    "math.truediv": "divide",
+    "math.divide": "divide",
+    "math.subtract": "subtract",
+    "math.add": "add",
+    "math.multiply": "multiply",
+    "__operators__.add": "add",
+    "__operators__.sub": "subtract",
+    "__operators__.truediv": "divide",
+    "__operators__.mul": "multiply",
+}
+_KERAS_HEAD_RULE = (
+    "only GlobalAveragePooling2D, Dropout and one Dense(n) (softmax or no activation) may follow "
+    "MobileNetV2"
+)
+
+
+@dataclasses.dataclass
+class KerasLayer:
+  """One layer (or operation) of a Keras model's config, in graph order."""
+
+  name: str
+  kind: str  # The class name ("Dense"; a TFOpLambda's function, "math.truediv").
+  config: dict[str, Any]
+  # The constant operand of an arithmetic operation; None when there is none
+  # or when it is not the second operand.
+  constant: np.ndarray | None = None
+  model: str = ""  # The name of the model holding it.
+
+
+def _keras_constant(value: Any) -> np.ndarray | None:
+  if isinstance(value, bool) or value is None:
+    return None
+  if isinstance(value, (int, float)):
+    return np.asarray(value, np.float64)
+  if isinstance(value, list):
+    try:
+      return np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+      return None
+  tensor = isinstance(value, dict) and value.get("class_name") == "__keras_tensor__"
+  if isinstance(value, dict) and "config" in value and not tensor:
+    inner = value["config"]
+    return _keras_constant(inner.get("value") if isinstance(inner, dict) else None)
+  return None
+
+
+def _keras_operand(entry: dict[str, Any]) -> np.ndarray | None:
+  """The constant second operand of an operation, from its inbound node:
+  Keras 3 ({"args": [tensor, 127.5]}) or tf.keras 2 ([[["input", 0, 0,
+  {"y": 127.5}]]])."""
+  nodes = entry.get("inbound_nodes") or []
+  if not nodes:
+    return None
+  node = nodes[0]
+  if isinstance(node, dict):
+    args = node.get("args") or []
+    first_is_tensor = bool(args) and isinstance(args[0], dict)
+    if first_is_tensor and len(args) > 1:
+      return _keras_constant(args[1])
+    kwargs = node.get("kwargs") or {}
+    return _keras_constant(kwargs.get("y")) if first_is_tensor else None
+  if isinstance(node, list) and node and isinstance(node[0], list) and len(node[0]) > 3:
+    kwargs = node[0][3] if isinstance(node[0][3], dict) else {}
+    return _keras_constant(kwargs.get("y"))
+  return None
+
+
+def keras_layers(model_config: Mapping[str, Any], model: str = "") -> list[KerasLayer]:
+  """The layers of a Keras model config ({"class_name", "config"}: what
+  `.h5` files store, or `{"class_name": ..., "config": model.get_config()}`),
+  nested models expanded in place, in the config's (topological) order."""
+  config = model_config.get("config", {})
+  model = model or str(config.get("name", ""))
+  layers = []
+  for entry in config.get("layers", []):
+    kind = str(entry.get("class_name", ""))
+    layer_config = entry.get("config") or {}
+    name = str(entry.get("name") or layer_config.get("name", ""))
+    if kind in _KERAS_MODEL_CLASSES:
+      layers.extend(keras_layers({"class_name": kind, "config": layer_config}, name))
+      continue
+    if kind == "TFOpLambda":
+      kind = str(layer_config.get("function", kind))
+    layers.append(KerasLayer(name, kind, layer_config, _keras_operand(entry), model))
+  return layers
+
+
+@dataclasses.dataclass
+class KerasImport:
+  """What a Keras model holds, for `from_keras` and the settings file."""
+
+  model: models.MobileNetV2
+  variables: dict[str, Any]
+  width_multiplier: float
+  num_classes: int  # 0: a features model.
+  image_size: int | None  # The model's input size, when it has a static one.
+  normalization: tuple[tuple[float, ...], tuple[float, ...]] | None  # (mean, std), [0, 1] units.
+  fine_tuned: bool  # Anything beyond keras.applications.MobileNetV2 itself.
+  description: str
+
+  def settings(self, image_size: int = 224) -> dict[str, Any]:
+    """The checkpoint settings; a fine-tune's evaluation resizes the whole
+    image (image_dataset_from_directory's), ImageNet's crops."""
+    return settings(
+        "keras",
+        self.width_multiplier,
+        max(self.num_classes, 2) if self.num_classes else 10,
+        self.image_size or image_size,
+        eval_crop_fraction=1.0 if self.fine_tuned else None,
+        head="classifier" if self.num_classes else "features",
+        eval_resize="stretch" if self.fine_tuned else "crop",
+        normalization=self.normalization,
+        dataset="imagefolder" if self.fine_tuned else "imagenet2012",
+    )
+
+
+@dataclasses.dataclass
+class _KerasPlan:
+  backbone_model: str = ""  # The model holding Conv1 (its name may carry alpha).
+  backbone_layers: set[str] = dataclasses.field(default_factory=set)
+  scale: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(1))
+  offset: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(1))
+  preprocessing: list[str] = dataclasses.field(default_factory=list)
+  pooled: bool = False
+  dense: KerasLayer | None = None
+  input_shape: tuple[Any, ...] | None = None
+  extra_layers: int = 0  # Layers outside keras.applications.MobileNetV2's own.
+
+
+def _refuse(layer: KerasLayer, why: str) -> NoReturn:
+  raise ConversionError(f"Keras layer {layer.name!r} ({layer.kind}) {why}")
+
+
+def _normalization_affine(
+    layer: KerasLayer, arrays: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+  config = layer.config
+  if config.get("invert"):
+    _refuse(layer, "inverts its normalisation: not an input preprocessing")
+  mean, variance = config.get("mean"), config.get("variance")
+  if mean is None or variance is None:
+    mean = arrays.get(f"{layer.name}/mean")
+    variance = arrays.get(f"{layer.name}/variance")
+  if mean is None or variance is None:
+    _refuse(layer, "holds no mean and variance (never adapted)")
+  mean = np.asarray(mean, np.float64).reshape(-1)
+  std = np.maximum(np.sqrt(np.asarray(variance, np.float64).reshape(-1)), 1e-7)
+  return 1 / std, -mean / std
+
+
+def _keras_plan(layers: Sequence[KerasLayer], arrays: Mapping[str, np.ndarray]) -> _KerasPlan:
+  """Walks the layers: preprocessing and augmentation, then the MobileNetV2,
+  then its head. Anything else is refused with one line naming it."""
+  plan = _KerasPlan()
+  phase = "before"
+  for layer in layers:
+    if _KERAS_BACKBONE_NAME.fullmatch(layer.name) or (
+        phase == "backbone" and layer.kind == "InputLayer"
+    ):
+      if phase == "after":
+        _refuse(layer, f"follows the classifier head: {_KERAS_HEAD_RULE}")
+      if layer.name == "Conv1":
+        plan.backbone_model = layer.model
+      phase = "backbone"
+      plan.backbone_layers.add(layer.name)
+      continue
+    if phase == "before":
+      _preprocessing(layer, plan, arrays)
+      continue
+    phase = "after"
+    plan.extra_layers += 1
+    if layer.kind == "GlobalAveragePooling2D" and plan.dense is None and not plan.pooled:
+      if layer.config.get("keepdims"):
+        _refuse(layer, "keeps the pooled dimensions: Dense needs GlobalAveragePooling2D's vector")
+      plan.pooled = True
+    elif layer.kind in _KERAS_DROPOUT:
+      pass
+    elif layer.kind == "Dense" and plan.dense is None:
+      if not plan.pooled:
+        _refuse(layer, f"has no GlobalAveragePooling2D before it: {_KERAS_HEAD_RULE}")
+      activation = layer.config.get("activation", "linear")
+      if activation not in ("linear", "softmax", None):
+        _refuse(layer, f"has activation {activation!r}: {_KERAS_HEAD_RULE}")
+      plan.dense = layer
+    elif layer.kind in ("Softmax", "Activation") and plan.dense is not None:
+      if layer.kind == "Activation" and layer.config.get("activation") != "softmax":
+        _refuse(layer, f"is not a softmax: {_KERAS_HEAD_RULE}")
+    else:
+      _refuse(layer, _KERAS_HEAD_RULE)
+  if phase == "before":
+    raise ConversionError("the Keras model holds no MobileNetV2 (no layer named Conv1)")
+  # keras.applications.MobileNetV2 with its classifier ("predictions") is no fine-tune.
+  if plan.dense is not None and plan.dense.name == "predictions" and plan.extra_layers == 2:
+    plan.extra_layers = 0
+  if plan.dense is None and plan.extra_layers == int(plan.pooled):  # include_top=False.
+    plan.extra_layers = 0
+  return plan
+
+
+def _preprocessing(layer: KerasLayer, plan: _KerasPlan, arrays: Mapping[str, np.ndarray]) -> None:
+  """A layer before the MobileNetV2: the input, augmentation (ignored),
+  or preprocessing (composed into plan.scale and plan.offset)."""
+  kind = layer.kind
+  if kind == "InputLayer":
+    shape = layer.config.get("batch_shape") or layer.config.get("batch_input_shape")
+    if shape and plan.input_shape is None:
+      plan.input_shape = tuple(shape)
+    return
+  if kind.startswith("Random") or kind in _KERAS_AUGMENTATION or kind in _KERAS_DROPOUT:
+    return
+  plan.extra_layers += 1
+  if kind == "Rescaling":
+    scale = np.asarray(layer.config.get("scale", 1.0), np.float64).reshape(-1)
+    offset = np.asarray(layer.config.get("offset", 0.0), np.float64).reshape(-1)
+  elif kind == "Normalization":
+    scale, offset = _normalization_affine(layer, arrays)
+  elif kind in _KERAS_ARITHMETIC:
+    if layer.constant is None:
+      _refuse(layer, "has no constant second operand: not a preprocessing step")
+    operation, value = _KERAS_ARITHMETIC[kind], layer.constant.reshape(-1)
+    one, zero = np.ones(1), np.zeros(1)
+    scale, offset = {
+        "divide": (1 / value, zero),
+        "multiply": (value, zero),
+        "add": (one, value),
+        "subtract": (one, -value),
+    }[operation]
+  else:
+    _refuse(
+        layer,
+        "precedes MobileNetV2: only augmentation, Rescaling, Normalization and "
+        "preprocess_input's arithmetic may",
+    )
+  plan.scale, plan.offset = plan.scale * scale, plan.offset * scale + offset
+  plan.preprocessing.append(f"{layer.name} ({kind})")
+
+
+def _keras_normalization(plan: _KerasPlan) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+  """The settings' mean and std ([0, 1] units) of the model's own
+  preprocessing y = scale * pixel + offset (pixels in [0, 255]), which is
+  (pixel / 255 - mean) / std: std = 1 / (255 scale), mean = -offset * std."""
+  if not plan.preprocessing:
+    return None
+  scale, offset = np.broadcast_arrays(plan.scale, plan.offset)
+  if np.any(scale <= 0):
+    raise ConversionError(
+        f"the Keras model's preprocessing ({', '.join(plan.preprocessing)}) scales the pixels by "
+        f"{scale.tolist()}: only positive scales are a normalisation"
+    )
+  std = 1 / (255 * scale)
+  mean = -offset * std
+  if len(mean) == 1:
+    mean, std = np.repeat(mean, 3), np.repeat(std, 3)
+  return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def _keras_width(
+    plan: _KerasPlan, arrays: Mapping[str, np.ndarray], width_multiplier: float | None
+) -> float:
+  """The given width, else the alpha in the backbone model's name, else the
+  one published width whose channels match (block_16_project's, Conv1's)."""
+  if width_multiplier is not None:
+    return width_multiplier
+  alpha = _alpha_of_name(plan.backbone_model)
+  if alpha is not None:
+    return alpha
+  found = {
+      name.split("/")[0]: int(np.shape(arrays[name])[-1])
+      for name in ("Conv1/kernel", "block_16_project/kernel", "Conv_1/kernel")
+      if name in arrays
+  }
+  matches = [
+      alpha
+      for alpha in PUBLISHED_WIDTHS
+      if all(_channels(alpha, keras=True)[layer] == c for layer, c in found.items())
+  ]
+  if len(matches) == 1 and len(found) == 3:
+    return matches[0]
+  raise ConversionError(
+      f"cannot tell the width of the Keras model {plan.backbone_model!r} from its name or its "
+      f"channels ({found}): pass width_multiplier (--width_multiplier)"
+  )
+
+
+def _binary_kernel(a: np.ndarray) -> np.ndarray:
+  """Dense(1) -> two classes with logits [0, z]: softmax gives sigmoid(z)."""
+  return np.concatenate([np.zeros_like(a), a], axis=-1)
+
+
+def keras_import(
+    model_config: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray],
+    width_multiplier: float | None = None,
+    conv_impl: str = "xla",
+    description: str = "",
+) -> KerasImport:
+  """A `KerasImport` of a Keras model's config and weights ("layer/variable"
+  -> value): keras.applications.MobileNetV2 with or without its classifier,
+  or any Functional or Sequential model holding one (nested or flattened),
+  preprocessing and augmentation before it, GlobalAveragePooling2D, Dropout
+  and Dense(n) (softmax or none; Dense(1): two classes [0, z]) after it."""
+  plan = _keras_plan(keras_layers(model_config), arrays)
+  width = _keras_width(plan, arrays, width_multiplier)
+  check_keras_width(width)
+  entries = [e for e in table("keras") if not e.ours.startswith("params/classifier/")]
+  num_classes = 0
+  if plan.dense is not None:
+    dense = plan.dense.name
+    units = int(plan.dense.config.get("units") or np.shape(arrays[f"{dense}/kernel"])[-1])
+    binary = units == 1
+    num_classes = 2 if binary else units
+    if not plan.dense.config.get("use_bias", True):
+      raise ConversionError(f"Keras layer {dense!r} (Dense) has no bias: {_KERAS_HEAD_RULE}")
+    entries += [
+        Entry("params/classifier/kernel", f"{dense}/kernel", _binary_kernel if binary else _same),
+        Entry("params/classifier/bias", f"{dense}/bias", _binary_kernel if binary else _same),
+    ]
+  used_layers = plan.backbone_layers | ({plan.dense.name} if plan.dense else set())
+  used = {name: value for name, value in arrays.items() if name.split("/")[0] in used_layers}
+  model, variables = _convert(
+      "keras",
+      used,
+      width,
+      num_classes,
+      entries=entries,
+      what="the Keras model",
+      conv_impl=conv_impl,
+      head="classifier" if num_classes else "features",
+  )
+  shape = plan.input_shape
+  image_size = None
+  if shape and len(shape) == 4 and shape[1] is not None:
+    if shape[1] != shape[2]:
+      raise ConversionError(
+          f"the Keras model's input is {shape[1]}x{shape[2]}: only square inputs have an "
+          "equivalent here"
+      )
+    image_size = int(shape[1])
+  return KerasImport(
+      model=model,
+      variables=variables,
+      width_multiplier=width,
+      num_classes=num_classes,
+      image_size=image_size,
+      normalization=_keras_normalization(plan),
+      fine_tuned=plan.extra_layers > 0,
+      description=description or f"Keras model {model_config.get('config', {}).get('name')!r}",
+  )
+
+
+def keras_config(keras_model: Any) -> dict[str, Any]:
+  """{"class_name", "config"} of a live Keras model, as an .h5 file stores it."""
+  try:
+    config = keras_model.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConversionError(
+        f"the Keras model {getattr(keras_model, 'name', '?')!r} has no config "
+        f"({type(e).__name__}): a subclassed model? Wrap its layers in a Functional model"
+    ) from e
+  return {"class_name": type(keras_model).__name__, "config": config}
+
+
 def from_keras(
     keras_model: Any,
     width_multiplier: float | None = None,
     conv_impl: str = "xla",
 ) -> tuple[models.MobileNetV2, dict[str, Any]]:
-  """(model, variables) of a `keras.applications.MobileNetV2` (include_top=True;
-  the model returns the logits before Keras' softmax). The width is the
-  model's alpha, read from its default name unless given."""
-  if width_multiplier is None:
-    width_multiplier = keras_alpha(keras_model)
-    if width_multiplier is None:
-      raise ConversionError(
-          f"cannot read alpha from the Keras model's name {keras_model.name!r}: pass "
-          "width_multiplier"
-      )
-  check_keras_width(width_multiplier)
-  arrays = keras_arrays(keras_model)
-  num_classes = _num_classes(arrays, "predictions/kernel", 1, "the Keras model")
-  return _convert(
-      "keras",
-      arrays,
+  """(model, variables) of a Keras model holding a MobileNetV2 (see
+  `keras_import`): keras.applications.MobileNetV2 itself (its logits before
+  Keras' softmax; include_top=False: a features model) or a fine-tuned
+  transfer-learning model. The width is `width_multiplier` if given, else the
+  alpha in the MobileNetV2's default name, else found from its channels.
+  `keras_import_model` also gives the settings (preprocessing, input size)."""
+  imported = keras_import_model(keras_model, width_multiplier, conv_impl)
+  return imported.model, imported.variables
+
+
+def keras_import_model(
+    keras_model: Any, width_multiplier: float | None = None, conv_impl: str = "xla"
+) -> KerasImport:
+  """`keras_import` of a live Keras model."""
+  return keras_import(
+      keras_config(keras_model),
+      keras_arrays(keras_model),
       width_multiplier,
-      num_classes,
-      what="the Keras model",
-      conv_impl=conv_impl,
+      conv_impl,
+      description=f"Keras model {keras_model.name!r}",
   )
 
 
-def load_keras(weights: str, width_multiplier: float, image_size: int) -> Any:
-  """keras.applications.MobileNetV2 with `weights` ("imagenet": Keras
-  downloads them; or a Keras weights file), logits out."""
+def _h5_text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def keras_h5_file(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+  """(model config, "layer/variable" -> value) of a whole-model Keras .h5
+  file, read with h5py alone: Keras never rebuilds the model, so files it
+  cannot reload (Keras 3's TrueDivide operations, tf.keras 2's TFOpLambda)
+  are read too. None for a weights-only file."""
+  try:
+    import h5py  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ConversionError(f"reading {path} needs h5py (it comes with tensorflow)") from e
+  try:
+    with h5py.File(path, "r") as f:
+      if "model_config" not in f.attrs or "model_weights" not in f:
+        return None
+      config = json.loads(_h5_text(f.attrs["model_config"]))
+      weights = f["model_weights"]
+      arrays = {}
+      for layer in weights.attrs.get("layer_names", ()):
+        layer = _h5_text(layer)
+        group = weights[layer]
+        for weight in group.attrs.get("weight_names", ()):
+          weight = _h5_text(weight)
+          arrays[_keras_weight_key(layer, weight)] = np.asarray(group[weight])
+  except OSError as e:
+    raise ConversionError(f"--weights {path}: not a readable HDF5 file ({e})") from e
+  return config, arrays
+
+
+def keras_file(
+    path: str, width_multiplier: float | None = None, conv_impl: str = "xla"
+) -> KerasImport | None:
+  """`keras_import` of a saved Keras model: .keras (loaded by Keras) or a
+  whole-model .h5 (read by h5py). None for a weights-only file."""
+  if not os.path.exists(path):
+    raise ConversionError(f"--weights {path} does not exist")
+  description = f"Keras model file {os.path.abspath(path)}"
+  if path.endswith(".keras"):
+    keras = _import_keras()
+    try:
+      keras_model = keras.saving.load_model(path, compile=False)
+    except Exception as e:  # pylint: disable=broad-except
+      message = " ".join(str(e).split())[:300]
+      raise ConversionError(f"--weights {path}: Keras cannot load it ({message})") from e
+    return keras_import(
+        keras_config(keras_model),
+        keras_arrays(keras_model),
+        width_multiplier,
+        conv_impl,
+        description,
+    )
+  if path.endswith(".h5") or path.endswith(".hdf5"):
+    found = keras_h5_file(path)
+    if found is None:
+      return None
+    return keras_import(found[0], found[1], width_multiplier, conv_impl, description)
+  return None
+
+
+def _import_keras() -> Any:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
     import keras  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ConversionError(f"--source=keras needs keras ({e})") from e
+  return keras
+
+
+def load_keras(weights: str, width_multiplier: float, image_size: int) -> Any:
+  """keras.applications.MobileNetV2 with `weights` ("imagenet": Keras
+  downloads them; or a Keras weights file), logits out."""
+  keras = _import_keras()
   check_keras_width(width_multiplier)
   try:
     return keras.applications.MobileNetV2(
@@ -528,8 +1020,9 @@ def load_keras(weights: str, width_multiplier: float, image_size: int) -> Any:
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A PyTorch state dict from a .pth/.pt file (torch, cpu, weights only) or a
-  .safetensors file (no torch needed), as numpy arrays."""
+  """A PyTorch state dict from a .pth/.pt/.ckpt file (torch, cpu, weights only;
+  a Lightning checkpoint's state dict) or a .safetensors file (no torch
+  needed), as numpy arrays."""
   if not os.path.exists(path):
     raise ConversionError(f"--weights {path} does not exist")
   if path.endswith(".safetensors"):
@@ -542,16 +1035,78 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ConversionError(f"reading {path} needs torch (or give a .safetensors file)") from e
-  try:
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ConversionError(f"--weights {path} is unreadable: {' '.join(str(e).split())}") from e
+  loaded = _torch_load(torch, path)
   for key in ("state_dict", "model"):  # Training checkpoints wrap the state dict.
     if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
       loaded = loaded[key]
   if not isinstance(loaded, Mapping):
     raise ConversionError(f"--weights {path} holds a {type(loaded).__name__}, not a state dict")
-  return {name.removeprefix("module."): _to_numpy(value) for name, value in loaded.items()}
+  return {name: _to_numpy(value) for name, value in loaded.items() if _is_tensor(value)}
+
+
+def _is_tensor(value: Any) -> bool:
+  return hasattr(value, "detach") or isinstance(value, np.ndarray)
+
+
+class _PlainData(dict):
+  """Stands in for a class that a checkpoint pickles beside its tensors
+  (Lightning's hyper-parameters: AttributeDict, argparse.Namespace, a
+  config dataclass): takes whatever state it is given and runs none of the
+  class's code."""
+
+  def __init__(self, *args: Any, **kwargs: Any) -> None:  # pylint: disable=unused-argument
+    super().__init__()
+
+  def __setstate__(self, state: Any) -> None:
+    self["__state__"] = state
+
+  def __call__(self, *args: Any, **kwargs: Any) -> _PlainData:  # An enum's or a function's call.
+    return _PlainData()
+
+
+def _torch_load(torch: Any, path: str) -> Any:
+  """torch.load with weights_only=True. A checkpoint it refuses for the
+  classes of objects beside the weights (a Lightning checkpoint's
+  hyper-parameters) is read again with each of those classes allow-listed as
+  plain data (`_PlainData`), never unpickled for real; what still fails is
+  refused with one line saying how to save the state dict alone."""
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    first_error = " ".join(str(e).split())
+  try:
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    stubs = [(_PlainData, name) for name in unsafe]
+    with torch.serialization.safe_globals(stubs):
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  if len(first_error) > 300:
+    first_error = first_error[:300] + "..."
+  raise ConversionError(
+      f"--weights {path} is unreadable with weights_only=True ({first_error}); save the state dict "
+      "alone: torch.save(model.state_dict(), 'weights.pth') (Lightning: "
+      "torch.save(LitModel.load_from_checkpoint(path).state_dict(), 'weights.pth'))"
+  )
+
+
+def strip_prefix(arrays: Mapping[str, np.ndarray], anchor: str) -> dict[str, np.ndarray]:
+  """The state dict without the prefix its keys share (Lightning's attribute
+  name, "model."; DataParallel's "module."; both): found as what precedes
+  `anchor`, the layout's first weight ("features.0.0.weight"). Where several
+  keys end with it (an EMA copy beside the model), the shortest prefix wins;
+  keys outside the prefix (the LightningModule's other attributes: a loss's
+  class weights, metrics) are left out."""
+  prefixes = sorted(
+      (name[: -len(anchor)] for name in arrays if name.endswith(anchor)),
+      key=lambda p: (len(p), p),
+  )
+  if not prefixes or not prefixes[0]:
+    return dict(arrays)
+  prefix = prefixes[0]
+  if prefix[-1] != ".":  # "xfeatures.0.0.weight" is another layout, not a prefix.
+    return dict(arrays)
+  return {name[len(prefix) :]: value for name, value in arrays.items() if name.startswith(prefix)}
 
 
 def _torch_arrays(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -566,10 +1121,13 @@ def from_torchvision(
     state_dict: Mapping[str, Any],
     width_multiplier: float = 1.0,
     conv_impl: str = "xla",
+    head: str | None = None,
 ) -> tuple[models.MobileNetV2, dict[str, Any]]:
   """(model, variables) of a torchvision `mobilenet_v2` state dict (tensors or
-  numpy arrays)."""
-  arrays = _torch_arrays(state_dict)
+  numpy arrays; Lightning's and DataParallel's key prefixes are removed).
+  head: "classifier", "features" (its classifier left out), or None: a
+  features model when the state dict has no classifier."""
+  arrays = strip_prefix(_torch_arrays(state_dict), "features.0.0.weight")
   what = "the torchvision state dict"
   num_classes = _num_classes(arrays, "classifier.1.weight", 0, what)
   return _convert(
@@ -580,6 +1138,7 @@ def from_torchvision(
       ignore=_ignore_torch,
       what=what,
       conv_impl=conv_impl,
+      head=_head(num_classes, head, "classifier.1.weight", what),
   )
 
 
@@ -606,13 +1165,16 @@ def from_timm(
     state_dict_or_path: Mapping[str, Any] | str | os.PathLike,
     width_multiplier: float = 1.0,
     conv_impl: str = "xla",
+    head: str | None = None,
 ) -> tuple[models.MobileNetV2, dict[str, Any]]:
   """(model, variables) of a timm `mobilenetv2_035/050/075/100/140` state dict
-  or its .pth/.safetensors file."""
+  or its .pth/.safetensors file (key prefixes removed as `from_torchvision`;
+  num_classes=0's state dict, without classifier, is a features model)."""
   if isinstance(state_dict_or_path, (str, os.PathLike)):
     arrays = load_state_dict(os.fspath(state_dict_or_path))
   else:
     arrays = _torch_arrays(state_dict_or_path)
+  arrays = strip_prefix(arrays, "conv_stem.weight")
   check_timm_depths(arrays)
   what = "the timm state dict"
   num_classes = _num_classes(arrays, "classifier.weight", 0, what)
@@ -624,6 +1186,7 @@ def from_timm(
       ignore=_ignore_torch,
       what=what,
       conv_impl=conv_impl,
+      head=_head(num_classes, head, "classifier.weight", what),
   )
 
 
@@ -662,8 +1225,10 @@ def from_slim(
     path_or_arrays: str | os.PathLike | Mapping[str, np.ndarray],
     width_multiplier: float = 1.0,
     conv_impl: str = "xla",
+    head: str | None = None,
 ) -> tuple[models.MobileNetV2, dict[str, Any]]:
-  """(model, variables) of a TF-slim / TF-Hub MobileNetV2 checkpoint. Uses the
+  """(model, variables) of a TF-slim / TF-Hub MobileNetV2 checkpoint (head as
+  `from_torchvision`'s). Uses the
   ExponentialMovingAverage copy of each variable when there is one (the
   weights the published accuracies are of); a 1001-class classifier loses
   class 0 (background), leaving ImageNet's 1000 in the usual order."""
@@ -691,6 +1256,7 @@ def from_slim(
       ignore=lambda name: _ignore_slim(name) or name in pairs,
       what=what,
       conv_impl=conv_impl,
+      head=_head(num_classes, head, logits, what),
   )
 
 
@@ -710,13 +1276,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument(
       "--weights",
       default="",
-      help="keras: imagenet (the default; Keras downloads them) or a Keras weights file; "
-      "torchvision, timm: a .pth or .safetensors state dict; slim: a checkpoint prefix, "
-      "directory or TF-Hub module directory.",
+      help="keras: imagenet (the default; Keras downloads them), a saved model (.keras or "
+      "whole-model .h5: any model holding a MobileNetV2, fine-tuned or not) or a weights file; "
+      "torchvision, timm: a .pth, .ckpt (Lightning) or .safetensors state dict; slim: a "
+      "checkpoint prefix, directory or TF-Hub module directory.",
   )
-  parser.add_argument("--width_multiplier", type=float, default=1.0, help="The weights' width.")
   parser.add_argument(
-      "--image_size", type=int, default=224, help="Evaluation resolution (the settings' recipe)."
+      "--width_multiplier",
+      type=float,
+      default=None,
+      help="The weights' width (default: a Keras model's own, else 1.0).",
+  )
+  parser.add_argument(
+      "--image_size",
+      type=int,
+      default=None,
+      help="Evaluation resolution (the settings' recipe; default: a Keras model's input size, "
+      "else 224).",
   )
   parser.add_argument(
       "--weights_version",
@@ -730,22 +1306,75 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       default=None,
       help="Override the source's evaluation crop fraction.",
   )
+  parser.add_argument(
+      "--head",
+      choices=models.HEADS,
+      default=None,
+      help="features: import without the classifier (a features model); default: the "
+      "source's (features when it has no classifier).",
+  )
+  parser.add_argument(
+      "--class_names",
+      default="",
+      help="A text file, one class name per line (default: ImageNet's for 1000 classes, else "
+      "0..n-1).",
+  )
+  parser.add_argument(
+      "--verbosity", type=int, default=-1, help="Log level (0: INFO; default -1: warnings)."
+  )
   args = parser.parse_args(argv)
   if args.source != "keras" and not args.weights:
     parser.error(f"--source={args.source} needs --weights=PATH")
   args.weights = args.weights or "imagenet"
-  if args.image_size < 32:
+  if args.image_size is not None and args.image_size < 32:
     parser.error(f"--image_size {args.image_size} is smaller than the model's total stride 32")
   return args
 
 
+def without_classifier(
+    model: models.MobileNetV2, variables: Mapping[str, Any]
+) -> tuple[models.MobileNetV2, dict[str, Any]]:
+  """The features model of a classifier and its variables, less the classifier."""
+  params = {k: v for k, v in variables["params"].items() if k != "classifier"}
+  return model.clone(head="features"), {"params": params, "batch_stats": variables["batch_stats"]}
+
+
+def read_class_names(path: str, num_classes: int) -> tuple[str, ...]:
+  """One name per non-empty line of PATH; there must be `num_classes`."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      names = tuple(line.strip() for line in f if line.strip())
+  except OSError as e:
+    raise ConversionError(f"--class_names {path}: {e.strerror or e}") from e
+  if len(names) != num_classes:
+    raise ConversionError(
+        f"--class_names {path} has {len(names)} names, the model has {num_classes} classes"
+    )
+  return names
+
+
 def convert(args: argparse.Namespace) -> tuple[models.MobileNetV2, dict[str, Any], dict, str]:
   """(model, variables, settings, source description) of the parsed flags."""
-  common = {"width_multiplier": args.width_multiplier}
+  width = args.width_multiplier
+  image_size = args.image_size or 224
+  common = {"width_multiplier": 1.0 if width is None else width, "head": args.head}
   if args.source == "keras":
-    keras_model = load_keras(args.weights, args.width_multiplier, args.image_size)
-    model, variables = from_keras(keras_model, **common)
-    description = f"keras.applications.MobileNetV2(alpha={args.width_multiplier}, "
+    imported = None
+    if args.weights != "imagenet":
+      imported = keras_file(args.weights, width)
+    if imported is not None:
+      if args.head == "features" and imported.num_classes:
+        model, variables = without_classifier(imported.model, imported.variables)
+        imported = dataclasses.replace(imported, model=model, variables=variables, num_classes=0)
+      settings_dict = imported.settings(args.image_size or imported.image_size or 224)
+      if args.eval_crop_fraction is not None:
+        settings_dict["dataset.eval_crop_fraction"] = args.eval_crop_fraction
+      return imported.model, imported.variables, settings_dict, imported.description
+    keras_model = load_keras(args.weights, common["width_multiplier"], image_size)
+    model, variables = from_keras(keras_model, common["width_multiplier"])
+    if args.head == "features":
+      model, variables = without_classifier(model, variables)
+    description = f"keras.applications.MobileNetV2(alpha={common['width_multiplier']}, "
     description += f"weights={args.weights!r})"
   elif args.source == "slim":
     model, variables = from_slim(args.weights, **common)
@@ -761,11 +1390,12 @@ def convert(args: argparse.Namespace) -> tuple[models.MobileNetV2, dict[str, Any
     description += os.path.abspath(args.weights)
   settings_dict = settings(
       args.source,
-      args.width_multiplier,
+      common["width_multiplier"],
       model.num_classes,
-      args.image_size,
+      image_size,
       eval_crop_fraction=args.eval_crop_fraction,
       weights_version=args.weights_version,
+      head=model.head,
   )
   return model, variables, settings_dict, description
 
@@ -775,15 +1405,19 @@ def main(argv: Sequence[str]) -> str:
   from mnv2_flax import checkpoint, data  # pylint: disable=g-import-not-at-top
 
   args = parse_args(argv)
+  cli.quiet_logs(args.verbosity)
   _, variables, settings_dict, description = convert(args)
-  num_classes = settings_dict["dataset.num_classes"]
-  class_names = (
-      data.imagenet_class_names()
-      if num_classes == 1000
-      else tuple(str(i) for i in range(num_classes))
-  )
+  features = settings_dict["model.head"] == "features"
+  num_classes = 0 if features else settings_dict["dataset.num_classes"]
+  if args.class_names:
+    class_names = read_class_names(args.class_names, num_classes)
+  elif num_classes == 1000:
+    class_names = data.imagenet_class_names()
+  else:
+    class_names = tuple(str(i) for i in range(num_classes))
   path = checkpoint.save_variables(args.out, variables, settings_dict, class_names, description)
-  print(f"Wrote {path} ({description}, {num_classes} classes)")
+  what = "features" if features else f"{num_classes} classes"
+  print(f"Wrote {path} ({description}, {what})")
   return path
 
 

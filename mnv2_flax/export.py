@@ -52,6 +52,8 @@ from mnv2_flax.errors import ConfigError
 INFO_FILE = "export.json"
 INPUT_NAME = "images_0_255"
 OUTPUT_NAMES = ("logits", "probabilities")
+# A features model's (model.head="features") one output: the pooled features.
+FEATURES_OUTPUT = "features"
 # Format -> file (or directory) name inside --out.
 FILES = {
     "saved_model": "saved_model",
@@ -80,6 +82,13 @@ class InputSpec:
   crop_fraction: float
   dataset: str
   class_names: tuple[str, ...]
+  # "crop" (centre crop_fraction, then resize) or "stretch" (the whole image).
+  resize: str = "crop"
+  head: str = "classifier"  # "features": the model outputs pooled features.
+
+  @property
+  def outputs(self) -> tuple[str, ...]:
+    return (FEATURES_OUTPUT,) if self.head == "features" else OUTPUT_NAMES
 
   def to_json(self) -> dict[str, Any]:
     return {
@@ -92,8 +101,9 @@ class InputSpec:
         # Applied inside the exported model: (x / 255 - mean) / std.
         "normalization": {"mean": list(self.mean), "std": list(self.std), "included": True},
         "crop_fraction": self.crop_fraction,
+        "resize": self.resize,
         "dataset": self.dataset,
-        "outputs": list(OUTPUT_NAMES),
+        "outputs": list(self.outputs),
         "class_names": list(self.class_names),
     }
 
@@ -107,6 +117,8 @@ class InputSpec:
         crop_fraction=float(info["crop_fraction"]),
         dataset=str(info.get("dataset", "")),
         class_names=tuple(info["class_names"]),
+        resize=str(info.get("resize", "crop")),
+        head="features" if FEATURES_OUTPUT in info.get("outputs", ()) else "classifier",
     )
 
 
@@ -124,8 +136,12 @@ def input_spec(
         f"dataset.mean {mean} / dataset.std {std} need {channels} entries (one per channel)"
     )
   crop = 1.0 if dataset in _WHOLE_IMAGE_DATASETS else float(config.dataset.eval_crop_fraction)
+  head = config.model.get("head", "classifier")
   names = tuple(class_names) or tuple(str(i) for i in range(config.dataset.num_classes))
-  return InputSpec(size, channels, mean, std, crop, dataset, names)
+  resize = config.dataset.get("eval_resize", "crop")
+  return InputSpec(
+      size, channels, mean, std, crop, dataset, () if head == "features" else names, resize, head
+  )
 
 
 def load_checkpoint(checkpoint_path: str) -> tuple[Any, dict[str, Any], Any, InputSpec]:
@@ -181,20 +197,23 @@ def fold_batch_norm(variables: dict[str, Any], epsilon: float) -> dict[str, Any]
 
 def serving_function(
     model: Any, variables: dict[str, Any], spec: InputSpec, *, fold: bool = True
-) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
-  """images (N, H, W, C) in [0, 255], any dtype -> (logits, probabilities);
-  the normalisation of `spec` included, inference mode, BatchNorm folded
-  into the convolutions unless `fold` is False."""
+) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
+  """images (N, H, W, C) in [0, 255], any dtype -> (logits, probabilities),
+  or (features,) of a features model (`spec.outputs` names them); the
+  normalisation of `spec` included, inference mode, BatchNorm folded into
+  the convolutions unless `fold` is False."""
   mean = np.asarray(spec.mean, np.float32) * 255
   std = np.asarray(spec.std, np.float32) * 255
   if fold:
     variables = fold_batch_norm(variables, model.bn_epsilon)
   variables = jax.tree.map(jnp.asarray, variables)
 
-  def predict(images: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def predict(images: jax.Array) -> tuple[jax.Array, ...]:
     x = (images.astype(jnp.float32) - mean) / std
-    logits = model.apply(variables, x, train=False).astype(jnp.float32)
-    return logits, jax.nn.softmax(logits)
+    out = model.apply(variables, x, train=False).astype(jnp.float32)
+    if model.head == "features":
+      return (out,)
+    return out, jax.nn.softmax(out)
 
   return predict
 
@@ -250,7 +269,7 @@ def _tf_module(predict: Callable[..., Any], spec: InputSpec) -> Any:
   )
   module = tf.Module()
   module.serve = tf.function(
-      lambda images: dict(zip(OUTPUT_NAMES, converted(images))),
+      lambda images: dict(zip(spec.outputs, converted(images))),
       input_signature=[tf.TensorSpec((None, *shape), tf.float32, name=INPUT_NAME)],
       autograph=False,
   )
@@ -279,7 +298,7 @@ def _tflite_module(predict: Callable[..., Any], spec: InputSpec) -> Any:
   converted = jax2tf.convert(predict, native_serialization_platforms=("cpu",), with_gradient=False)
   module = tf.Module()
   module.serve_batch1 = tf.function(
-      lambda images: dict(zip(OUTPUT_NAMES, converted(images))),
+      lambda images: dict(zip(spec.outputs, converted(images))),
       input_signature=[tf.TensorSpec(shape, tf.float32, name=INPUT_NAME)],
       autograph=False,
   )
@@ -357,7 +376,7 @@ def export_onnx(predict: Callable[..., Any], spec: InputSpec, path: str) -> None
       [jax.ShapeDtypeStruct(shape, jnp.float32)],
       model_name="mobilenet_v2",
       input_names=[INPUT_NAME],
-      output_names=list(OUTPUT_NAMES),
+      output_names=list(spec.outputs),
   )
   _float32_constants(model)
   onnx.checker.check_model(model, full_check=True)
@@ -481,7 +500,7 @@ def main(argv: list[str]) -> None:
 def run() -> None:
   """Entry point of `python -m mnv2_flax.export`."""
   define_flags()
-  cli.run(main)
+  cli.run(main, quiet=True)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ BOTTLENECKS = ("linear", "relu6")
 # Where the shortcut goes (the paper's Figure 6b): between bottlenecks (the
 # paper's), between expansion layers, or nowhere.
 RESIDUALS = ("bottleneck", "expansion", "none")
+# What the model returns: the classifier's logits, or the pooled features the
+# classifier would take (a features model has no classifier parameters).
+HEADS = ("classifier", "features")
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -132,7 +135,9 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-  """MobileNetV2 classifier over NHWC images; returns logits.
+  """MobileNetV2 over NHWC images: the classifier's logits, or with
+  head="features" the pooled features (timm's num_classes=0; the same
+  parameter tree, less "classifier"). `features` gives the feature maps.
 
   Attributes mirror `config.model`, documented in `mnv2_flax/config_lib.py`.
   """
@@ -160,9 +165,41 @@ class MobileNetV2(nn.Module):
   # Test-only (config.testing.fault): BatchNorm statistics per slice of the
   # batch, a bug the device-layout tests must catch.
   statistics_groups: int = 1
+  head: str = "classifier"
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Logits (N, num_classes), or with head="features" the pooled features
+    (N, the head conv's channels: 1280 at width <= 1)."""
+    return self._forward(x, train, feature_maps=False)
+
+  def features(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    """{name: feature map} after each stride change, as `feature_info`
+    lists them (timm's features_only): at the paper's strides block0,
+    block2, block5, block12 and block16, strides 2 to 32. Use with
+    `model.apply(variables, x, method=model.features)`; either head's
+    variables serve."""
+    return self._forward(x, train, feature_maps=True)
+
+  def feature_info(self) -> list[dict[str, Any]]:
+    """[{"name", "stride", "channels"}] of the maps `features` returns: the
+    output of the last block at each total stride (timm's `feature_info`:
+    module, reduction, num_chs)."""
+    info, stride, index = [], self.stem_stride, 0
+    blocks = []
+    for (_, c, n, _), stage_stride in zip(INVERTED_RESIDUAL_SETTING, self.stage_strides):
+      for i in range(n):
+        stride *= stage_stride if i == 0 else 1
+        blocks.append((f"block{index}", stride, make_divisible(c * self.width_multiplier)))
+        index += 1
+    for (name, stride, channels), following in zip(blocks, blocks[1:] + [None]):
+      if following is None or following[1] != stride:
+        info.append({"name": name, "stride": stride, "channels": channels})
+    return info
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def _forward(self, x: jax.Array, train: bool, feature_maps: bool) -> Any:
+    if self.head not in HEADS:
+      raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
     param_dtype = jnp.promote_types(self.dtype, jnp.float32)
     conv = functools.partial(
         layers.Conv,
@@ -203,6 +240,8 @@ class MobileNetV2(nn.Module):
             strides=self.stem_stride,
         )
     )
+    wanted = {entry["name"] for entry in self.feature_info()} if feature_maps else set()
+    maps = {}
     index, shortcut = 0, None
     for (t, c, n, _), stride in zip(INVERTED_RESIDUAL_SETTING, self.stage_strides, strict=True):
       for i in range(n):
@@ -218,10 +257,16 @@ class MobileNetV2(nn.Module):
             zero_init_residual=self.zero_init_residual,
             name=f"block{index}",
         )(x, shortcut)
+        if f"block{index}" in wanted:
+          maps[f"block{index}"] = x.astype(param_dtype)
         index += 1
+    if feature_maps:
+      return maps
     last_channels = make_divisible(1280 * max(1.0, self.width_multiplier))
     x = relu6(conv_norm(conv, norm, x, last_channels, "head"))
     x = jnp.mean(x, axis=(1, 2))
+    if self.head == "features":
+      return x.astype(param_dtype)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=param_dtype, name="classifier")(x)
     return x.astype(param_dtype)
@@ -262,6 +307,7 @@ def create_model(
       dtype=DTYPES[model_config.dtype],
       conv_impl=model_config.conv_impl,
       remat=model_config.remat,
+      head=model_config.get("head", "classifier"),
   )
 
 

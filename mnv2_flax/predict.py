@@ -33,12 +33,17 @@ EXIT_IMAGE_ERROR = 1
 
 def load_image(path: str, spec: export.InputSpec) -> np.ndarray:
   """An image file as the model's input, exactly as evaluation makes it
-  (`images.eval_image`): uint8 (size, size, channels). Raises OSError for a
+  (`images.eval_image`, centre-cropped or, for a Keras fine-tune, the whole
+  image resized): uint8 (size, size, channels). Raises OSError for a
   missing file, images.DecodeError (a ValueError) for an undecodable one."""
   with open(path, "rb") as f:
     data = f.read()
   return images.eval_image(
-      data, image_size=spec.image_size, crop_fraction=spec.crop_fraction, channels=spec.channels
+      data,
+      image_size=spec.image_size,
+      crop_fraction=spec.crop_fraction,
+      channels=spec.channels,
+      resize=spec.resize,
   )
 
 
@@ -54,14 +59,25 @@ def read_export_info(model_path: str) -> dict[str, Any]:
   raise ConfigError(f"--model {model_path}: no {export.INFO_FILE} beside it (write it with export)")
 
 
-class Predictor:
-  """Probabilities of images (N, size, size, channels) in [0, 255] from a
-  checkpoint (JAX) or an exported model (TF, LiteRT, onnxruntime)."""
+Outputs = dict[str, np.ndarray]
 
-  def __init__(self, spec: export.InputSpec, run: Callable[[np.ndarray], np.ndarray], kind: str):
+
+class Predictor:
+  """Probabilities (or a features model's features) of images (N, size,
+  size, channels) in [0, 255] from a checkpoint (JAX) or an exported model
+  (TF, LiteRT, onnxruntime)."""
+
+  def __init__(
+      self,
+      spec: export.InputSpec,
+      run: Callable[[np.ndarray], Outputs],
+      kind: str,
+      embed: Callable[[np.ndarray], np.ndarray] | None = None,
+  ):
     self.spec = spec
     self.kind = kind
     self._run = run
+    self._embed = embed
 
   @classmethod
   def from_checkpoint(cls, checkpoint_path: str) -> Predictor:
@@ -69,7 +85,13 @@ class Predictor:
 
     model, variables, _, spec = export.load_checkpoint(checkpoint_path)
     predict = jax.jit(export.serving_function(model, variables, spec))
-    return cls(spec, lambda images: np.asarray(predict(images)[1]), "checkpoint")
+    run = lambda images: dict(zip(spec.outputs, map(np.asarray, predict(images))))  # noqa: E731
+    embed = None
+    if model.head != "features":  # The pooled features the classifier takes.
+      features = model.clone(head="features")
+      embedding = jax.jit(export.serving_function(features, variables, spec))
+      embed = lambda images: np.asarray(embedding(images)[0])  # noqa: E731
+    return cls(spec, run, "checkpoint", embed)
 
   @classmethod
   def from_exported(cls, model_path: str) -> Predictor:
@@ -78,29 +100,57 @@ class Predictor:
       raise ConfigError(f"--model {model_path} does not exist")
     spec = export.InputSpec.from_json(read_export_info(model_path))
     if os.path.isdir(model_path):
-      return cls(spec, _saved_model_runner(model_path), "saved_model")
+      return cls(spec, _saved_model_runner(model_path, spec), "saved_model")
     if model_path.endswith(".tflite"):
-      return cls(spec, _tflite_runner(model_path), "tflite")
+      return cls(spec, _tflite_runner(model_path, spec), "tflite")
     if model_path.endswith(".onnx"):
-      return cls(spec, _onnx_runner(model_path), "onnx")
+      return cls(spec, _onnx_runner(model_path, spec), "onnx")
     raise ConfigError(f"--model {model_path}: expected a SavedModel directory, .tflite or .onnx")
 
-  def predict(self, images: np.ndarray) -> np.ndarray:
-    """(N, classes) probabilities of images in [0, 255] at the model's size."""
+  @property
+  def has_classes(self) -> bool:
+    return self.spec.head != "features"
+
+  def _check(self, images: np.ndarray) -> np.ndarray:
     images = np.asarray(images, np.float32)
     expected = (self.spec.image_size, self.spec.image_size, self.spec.channels)
     if images.ndim != 4 or images.shape[1:] != expected:
       raise ValueError(f"images must have shape (N, {', '.join(map(str, expected))})")
-    return self._run(images)
+    return images
 
-  def predict_files(self, paths: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """({path: probabilities}, {path: one-line error}) for image files."""
+  def predict(self, images: np.ndarray) -> np.ndarray:
+    """(N, classes) probabilities of images in [0, 255] at the model's size."""
+    if not self.has_classes:
+      raise ConfigError("a features model (model.head='features') has no classes: --embeddings")
+    return self._run(self._check(images))["probabilities"]
+
+  def embeddings(self, images: np.ndarray) -> np.ndarray:
+    """(N, features) pooled features (what the classifier takes) of images
+    in [0, 255]: a features model's output, or a checkpoint's classifier
+    input. An exported classifier has no such output."""
+    images = self._check(images)
+    if not self.has_classes:
+      return self._run(images)[export.FEATURES_OUTPUT]
+    if self._embed is None:
+      raise ConfigError(
+          f"--embeddings: this {self.kind} model outputs classes only; use its checkpoint "
+          "(--checkpoint_path) or export a features model (model.head='features')"
+      )
+    return self._embed(images)
+
+  def read_files(self, paths: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """({path: uint8 pixels}, {path: one-line error}) for image files."""
     pixels, errors = {}, {}
     for path in paths:
       try:
         pixels[path] = load_image(path, self.spec)
       except (OSError, images.DecodeError) as e:
         errors[path] = " ".join(str(e).split()) or type(e).__name__
+    return pixels, errors
+
+  def predict_files(self, paths: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """({path: probabilities}, {path: one-line error}) for image files."""
+    pixels, errors = self.read_files(paths)
     results = {}
     if pixels:
       probabilities = self.predict(np.stack(list(pixels.values())))
@@ -116,14 +166,19 @@ class Predictor:
     ]
 
 
-def _saved_model_runner(path: str) -> Callable[[np.ndarray], np.ndarray]:
+def _saved_model_runner(path: str, spec: export.InputSpec) -> Callable[[np.ndarray], Outputs]:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   serve = tf.saved_model.load(path).signatures["serving_default"]
-  return lambda images: serve(**{export.INPUT_NAME: tf.constant(images)})["probabilities"].numpy()
+
+  def run(images: np.ndarray) -> Outputs:
+    out = serve(**{export.INPUT_NAME: tf.constant(images)})
+    return {name: out[name].numpy() for name in spec.outputs}
+
+  return run
 
 
-def _tflite_runner(path: str) -> Callable[[np.ndarray], np.ndarray]:
+def _tflite_runner(path: str, spec: export.InputSpec) -> Callable[[np.ndarray], Outputs]:
   """Runs a batch-1 TFLite model image by image; an int8 model's uint8
   input is quantised with its own scale and zero point."""
   try:
@@ -134,32 +189,36 @@ def _tflite_runner(path: str) -> Callable[[np.ndarray], np.ndarray]:
   runner = interpreter.get_signature_runner()
   details = runner.get_input_details()[export.INPUT_NAME]
 
-  def run(images: np.ndarray) -> np.ndarray:
-    out = []
+  def run(images: np.ndarray) -> Outputs:
+    out = {name: [] for name in spec.outputs}
     for image in images:
       x = image[None]
       if details["dtype"] != np.float32:
         scale, zero = details["quantization"]
         info = np.iinfo(details["dtype"])
         x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(details["dtype"])
-      out.append(runner(**{export.INPUT_NAME: x})["probabilities"][0])
-    return np.stack(out).astype(np.float32)
+      result = runner(**{export.INPUT_NAME: x})
+      for name in spec.outputs:
+        out[name].append(result[name][0])
+    return {name: np.stack(values).astype(np.float32) for name, values in out.items()}
 
   return run
 
 
-def _onnx_runner(path: str) -> Callable[[np.ndarray], np.ndarray]:
+def _onnx_runner(path: str, spec: export.InputSpec) -> Callable[[np.ndarray], Outputs]:
   try:
     import onnxruntime  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ConfigError(f"--model {path}: running ONNX needs onnxruntime ({e})") from e
   session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
 
-  def run(images: np.ndarray) -> np.ndarray:
-    outputs = [
-        session.run(["probabilities"], {export.INPUT_NAME: image[None]})[0][0] for image in images
+  def run(images: np.ndarray) -> Outputs:
+    results = [
+        session.run(list(spec.outputs), {export.INPUT_NAME: image[None]}) for image in images
     ]
-    return np.stack(outputs)
+    return {
+        name: np.stack([result[i][0] for result in results]) for i, name in enumerate(spec.outputs)
+    }
 
   return run
 
@@ -177,6 +236,12 @@ def define_flags() -> None:
   flags.DEFINE_string("model", None, "An exported SavedModel directory, .tflite or .onnx file.")
   flags.DEFINE_integer("top_k", 5, "How many classes to print per image.", lower_bound=1)
   flags.DEFINE_bool("json", False, "Print one JSON document instead of text.")
+  flags.DEFINE_string(
+      "embeddings",
+      None,
+      "Write the images' pooled features (N, features), in the order given, unreadable ones "
+      "left out, to this .npy file (a features model prints no classes).",
+  )
 
 
 def main(argv: list[str]) -> None:
@@ -189,9 +254,20 @@ def main(argv: list[str]) -> None:
     predictor = Predictor.from_checkpoint(FLAGS.checkpoint_path)
   else:
     predictor = Predictor.from_exported(FLAGS.model)
-  results, errors = predictor.predict_files(paths)
+  if not predictor.has_classes and not FLAGS.embeddings:
+    fail("a features model (model.head='features') has no classes: give --embeddings=FILE.npy")
+  pixels, errors = predictor.read_files(paths)
   for path, message in errors.items():
     print(f"error: {path}: {message}", file=sys.stderr)
+  results = {}
+  if pixels and predictor.has_classes:
+    results = dict(zip(pixels, predictor.predict(np.stack(list(pixels.values())))))
+  if FLAGS.embeddings:
+    batch = np.stack(list(pixels.values())) if pixels else None
+    vectors = predictor.embeddings(batch) if batch is not None else np.zeros((0, 0), np.float32)
+    np.save(FLAGS.embeddings, vectors.astype(np.float32))
+    if not FLAGS.json:
+      print(f"Wrote {FLAGS.embeddings}: {vectors.shape[0]} images x {vectors.shape[-1]} features")
   report = []
   for path in paths:
     if path in results:
@@ -203,7 +279,10 @@ def main(argv: list[str]) -> None:
           }
       )
   if FLAGS.json:
-    print(json.dumps({"predictions": report, "errors": errors}))
+    document = {"predictions": report, "errors": errors}
+    if FLAGS.embeddings:
+      document["embeddings"] = {"path": FLAGS.embeddings, "images": list(pixels)}
+    print(json.dumps(document))
   else:
     for entry in report:
       print(entry["image"])
@@ -215,7 +294,7 @@ def main(argv: list[str]) -> None:
 def run() -> None:
   """Entry point of `python -m mnv2_flax.predict`."""
   define_flags()
-  cli.run(main)
+  cli.run(main, quiet=True)
 
 
 if __name__ == "__main__":

@@ -145,11 +145,11 @@ def test_keras_rounding_matches_for_published_alphas():
     convert.check_keras_width(0.84)
 
 
-def test_keras_refuses_a_model_without_its_alpha():
+def test_keras_width_without_its_name():
   source = keras_model(0.35, 32)
   source.name = "renamed"
-  with pytest.raises(convert.ConversionError, match="pass width_multiplier"):
-    convert.from_keras(source)
+  # The channels tell the width (block_16_project: 112 at 0.35).
+  assert convert.from_keras(source)[0].width_multiplier == 0.35
   # The wrong width: the first layer whose shape differs is named.
   with pytest.raises(convert.ConversionError, match="Conv1/kernel has shape"):
     convert.from_keras(source, width_multiplier=1.0)
@@ -366,12 +366,13 @@ def test_refuses_wrong_shape_unknown_and_missing_names():
   with pytest.raises(convert.ConversionError, match=r"unknown weights, e\.g\. features\.19"):
     convert.from_torchvision(unknown, width_multiplier=0.35)
   missing = {k: v for k, v in state.items() if k != "features.7.conv.3.running_var"}
-  with pytest.raises(convert.ConversionError, match=r"lack features\.7\.conv\.3\.running_var"):
+  with pytest.raises(convert.ConversionError, match=r"lacks features\.7\.conv\.3\.running_var"):
     convert.from_torchvision(missing, width_multiplier=0.35)
   with pytest.raises(convert.ConversionError, match=r"features\.0\.0\.weight has shape"):
     convert.from_torchvision(state, width_multiplier=1.0)
-  with pytest.raises(convert.ConversionError, match=r"lack classifier\.1\.weight"):
-    convert.from_torchvision({})
+  headless = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+  with pytest.raises(convert.ConversionError, match=r"lacks classifier\.1\.weight"):
+    convert.from_torchvision(headless, width_multiplier=0.35, head="classifier")
   # One line each: the CLI prints them as "error: ...".
   try:
     convert.from_torchvision(missing, width_multiplier=0.35)
