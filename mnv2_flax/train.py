@@ -289,6 +289,11 @@ def setup(
   evaluation split, labelled by a checkpoint's class names."""
   mesh = create_mesh() if mesh is None else mesh
   config_lib.validate(config, mesh.size)
+  if config.model.head != "classifier":
+    raise errors.ConfigError(
+        f"config.model.head: {config.model.head!r} has no classifier to train or evaluate; "
+        "fine-tune such a checkpoint with model.head='classifier' (a new classifier is made)"
+    )
   if config.model.dtype == "float64" and not jax.config.jax_enable_x64:
     raise errors.ConfigError(
         "config.model.dtype: 'float64' needs jax_enable_x64, set before JAX computes anything "

@@ -538,3 +538,109 @@ def test_timm_refuses_real_depth_multiplied_variant():
   source = timm.create_model("mobilenetv2_110d", pretrained=False, num_classes=NUM_CLASSES)
   with pytest.raises(convert.ConversionError, match="mobilenetv2_110d"):
     convert.from_timm(source.state_dict(), width_multiplier=1.1)
+
+
+# --- checkpoints as saved in practice: Lightning, DataParallel, timm heads -----------
+
+
+def _prefixed(state, prefix: str, **extra):
+  return {**{prefix + k: v for k, v in state.items()}, **extra}
+
+
+@pytest.mark.parametrize(
+    "source,write,prefix",
+    [
+        ("torchvision", torchvision_state_dict, "model."),  # LightningModule.model
+        ("torchvision", torchvision_state_dict, "module.net."),  # DataParallel of a wrapper
+        ("timm", timm_state_dict, "backbone."),
+    ],
+)
+def test_lightning_style_prefixes_are_removed(source, write, prefix):
+  """A LightningModule's state dict prefixes every key with the attribute
+  holding the network; its other attributes (a loss's class weights, an EMA
+  copy) are left out."""
+  variables = random_variables(0.35)
+  state = _prefixed(
+      write(variables),
+      prefix,
+      **{"criterion.weight": np.ones(NUM_CLASSES, np.float32)},
+  )
+  # An EMA copy under a longer prefix: the shortest prefix is the model.
+  state.update({f"ema.{prefix}{k}": v * 0 for k, v in write(variables).items()})
+  from_source = {"torchvision": convert.from_torchvision, "timm": convert.from_timm}[source]
+  _, converted = from_source(state, width_multiplier=0.35)
+  _assert_trees_equal(converted, variables)
+
+
+def test_timm_num_classes_n_and_0():
+  """timm.create_model(..., num_classes=7) replaces the classifier (7
+  classes); num_classes=0 has none: a features model, the same tree less
+  the classifier."""
+  model = models.MobileNetV2(num_classes=7, width_multiplier=0.5, conv_impl="xla")
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  )
+  rng = np.random.default_rng(3)
+  variables = jax.tree.map(lambda s: rng.uniform(0.3, 1, s.shape).astype(np.float32), dict(shapes))
+  state = timm_state_dict(variables)
+  converted_model, converted = convert.from_timm(state, width_multiplier=0.5)
+  assert converted_model.num_classes == 7
+  _assert_trees_equal(converted, variables)
+  headless = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+  features_model, features = convert.from_timm(headless, width_multiplier=0.5)
+  assert features_model.head == "features"
+  expected = {"params": dict(variables["params"]), "batch_stats": variables["batch_stats"]}
+  del expected["params"]["classifier"]
+  _assert_trees_equal(features, expected)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  pooled = features_model.apply(features, x)
+  logits = converted_model.apply(converted, x)
+  classifier = variables["params"]["classifier"]
+  np.testing.assert_allclose(
+      logits, pooled @ classifier["kernel"] + classifier["bias"], rtol=1e-5, atol=1e-5
+  )
+  # A classifier dropped on request (--head=features).
+  _, dropped = convert.from_timm(state, width_multiplier=0.5, head="features")
+  _assert_trees_equal(dropped, expected)
+
+
+def test_lightning_checkpoint_file_with_hyper_parameters(tmp_path):
+  """A real torch.save'd Lightning-style checkpoint (state_dict under
+  "state_dict", "model." prefixes, hyper-parameters of a class torch's
+  weights_only loading refuses) is read without unpickling that class."""
+  torch = pytest.importorskip("torch")  # noqa: F811 (without torchvision too)
+  variables = random_variables(0.35)
+  state = {
+      "model." + k: torch.from_numpy(np.ascontiguousarray(v))
+      for k, v in torchvision_state_dict(variables).items()
+  }
+  path = str(tmp_path / "epoch=3-step=400.ckpt")
+  torch.save(
+      {
+          "epoch": 3,
+          "global_step": 400,
+          "pytorch-lightning_version": "2.5.0",
+          "state_dict": state,
+          "hyper_parameters": HyperParameters(lr=0.01, classes=NUM_CLASSES),
+      },
+      path,
+  )
+  with pytest.raises(torch.serialization.pickle.UnpicklingError):  # What the stubs work around.
+    torch.load(path, weights_only=True)
+  _, converted = convert.from_torchvision(convert.load_state_dict(path), width_multiplier=0.35)
+  _assert_trees_equal(converted, variables)
+  assert not HyperParameters.constructed  # Its code never ran.
+
+
+class HyperParameters:
+  """Stands for a LightningModule's saved hyper-parameters (an AttributeDict,
+  a config object)."""
+
+  constructed = False
+
+  def __init__(self, **kwargs):
+    self.__dict__.update(kwargs)
+
+  def __setstate__(self, state):
+    HyperParameters.constructed = True
+    self.__dict__.update(state)

@@ -160,3 +160,35 @@ def test_imported_weights_evaluate_with_their_own_settings(pretrained, tmp_path)
   np.testing.assert_array_equal(
       model.apply(variables, images, train=False), model.apply(saved, images, train=False)
   )
+
+
+@pytest.fixture(scope="module")
+def pretrained_features(pretrained, tmp_path_factory) -> str:
+  """`pretrained` as a features checkpoint (model.head="features": no
+  classifier), as converting timm's num_classes=0 or Keras' include_top=False
+  writes it."""
+  loaded, _ = checkpoint.read_checkpoint(pretrained)
+  settings = checkpoint.read_settings(pretrained)["config"]
+  settings["model.head"] = "features"
+  directory = str(tmp_path_factory.mktemp("features") / "weights")
+  variables = {
+      "params": {k: v for k, v in loaded["params"].items() if k != "classifier"},
+      "batch_stats": loaded["batch_stats"],
+  }
+  checkpoint.save_variables(directory, variables, settings, (), source="test")
+  return directory
+
+
+def test_features_checkpoint_gets_a_new_classifier(image_root, pretrained_features, tmp_path):
+  loaded, _ = checkpoint.read_checkpoint(pretrained_features)
+  saved = finetune(
+      image_root, pretrained_features, str(tmp_path), **{"finetune.freeze": "backbone"}
+  )
+  assert saved["params"]["classifier"]["kernel"].shape[-1] == len(FOLDER_CLASSES)
+  assert_trees_equal(backbone(saved["params"]), loaded["params"])
+  settings = checkpoint.read_settings(os.path.join(tmp_path, "checkpoints"))["config"]
+  assert settings["model.head"] == "classifier"
+  # Evaluating the features checkpoint itself is refused in one line.
+  config = tiny_config(**{"dataset.name": "synthetic", "checkpoint_path": pretrained_features})
+  with pytest.raises(ConfigError, match=r"^config.model.head: 'features' has no classifier"):
+    train.evaluate(config, str(tmp_path / "eval"))
