@@ -6,12 +6,22 @@
   python -m mnv2_flax.convert --source=timm --weights=model.safetensors \
       --width_multiplier=1.4 --out=DIR
   python -m mnv2_flax.convert --source=slim --weights=mobilenet_v2_1.0_224.ckpt --out=DIR
+  python -m mnv2_flax.convert --source=keras --weights=fine_tuned.keras \
+      --class_names=classes.txt --out=DIR
+  python -m mnv2_flax.convert --source=torchvision --weights=lightning.ckpt --head=features \
+      --out=DIR
 
 DIR is then a checkpoint with its settings file: `python -m mnv2_flax.main
 --mode=eval --config.checkpoint_path=DIR`, fine-tuning, export and predict
 need no hand-set flag. In Python, `model, variables = from_keras(keras_model)`
 (or `from_torchvision`, `from_timm`, `from_slim`) gives a model whose
 `model.apply(variables, x, train=False)` equals the source's logits.
+
+Keras: besides keras.applications.MobileNetV2, any transfer-learning model
+holding one (`keras_import`, `keras_file`: .keras or whole-model .h5, read
+with h5py); its preprocessing becomes the settings' mean/std. PyTorch:
+Lightning's and DataParallel's key prefixes are removed. A source without a
+classifier, or `--head=features`, gives a features model (model.head).
 
 Every source is one table of (our variable, source name, layout transform)
 over plain numpy dicts, so this module imports without TensorFlow, torch or
@@ -990,7 +1000,8 @@ def keras_file(
 def _import_keras() -> Any:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
-    import keras  # pylint: disable=g-import-not-at-top
+    with cli.filtered_stderr():
+      import keras  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ConversionError(f"--source=keras needs keras ({e})") from e
   return keras
@@ -1200,9 +1211,8 @@ _SLIM_SLOTS = ("RMSProp", "RMSProp_1", "Momentum", "Adam", "Adam_1")
 def slim_arrays(path: str) -> dict[str, np.ndarray]:
   """Every variable of a TF checkpoint: a prefix ("model.ckpt-100"), a
   directory holding checkpoints, or a TF-Hub module directory."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf = cli.import_tensorflow()
   except ImportError as e:
     raise ConversionError("--source=slim needs tensorflow") from e
   if os.path.isdir(path):

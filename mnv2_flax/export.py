@@ -8,7 +8,8 @@ Every exported model takes images at the model's resolution, NHWC, RGB (one
 channel for digits and MNIST), pixel values in [0, 255]: the dataset's
 normalisation (as the checkpoint's settings.json records it) is inside the
 model, so callers never repeat it. The input is
-named `images_0_255`; the outputs are `logits` and `probabilities`. DIR also
+named `images_0_255`; the outputs are `logits` and `probabilities` (a
+features model's, model.head="features": `features`). DIR also
 gets `export.json` (class names, image size, channels, input range, crop) for
 `mnv2_flax.predict --model=...`.
 
@@ -248,10 +249,9 @@ def calibration_images(config: Any, spec: InputSpec, count: int) -> np.ndarray:
 
 def _import_tf() -> Any:
   try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return cli.import_tensorflow()
   except ImportError as e:
     raise ExportError(f"SavedModel and TFLite export need TensorFlow ({e})") from e
-  return tf
 
 
 def _tf_module(predict: Callable[..., Any], spec: InputSpec) -> Any:

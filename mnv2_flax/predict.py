@@ -3,12 +3,16 @@ names with probabilities.
 
   python -m mnv2_flax.predict --checkpoint_path=WORKDIR/checkpoints IMAGE...
   python -m mnv2_flax.predict --model=EXPORT_DIR/model.tflite --json IMAGE...
+  python -m mnv2_flax.predict --checkpoint_path=DIR --embeddings=FEATURES.npy IMAGE...
 
 --model takes what `mnv2_flax.export` wrote: a SavedModel directory, a
 .tflite or an .onnx file, with export.json beside it. Images are decoded,
-converted, centre-cropped and resized by `images.eval_image`, exactly as
-evaluation does (every format Pillow reads, converted by the rule in
-mnv2_flax/images.py), pixel values in [0, 255]; the model normalises them.
+converted, centre-cropped (or, as the settings say for Keras fine-tunes,
+resized whole) and resized by `images.eval_image`, exactly as evaluation does
+(every format Pillow reads, converted by the rule in mnv2_flax/images.py),
+pixel values in [0, 255]; the model normalises them. --embeddings writes the
+pooled features (a features model's output, a classifier's input) as .npy.
+Only the answer and warnings are printed unless --verbosity is given.
 An unreadable image prints a one-line error and the others are still
 predicted (exit status 1); usage errors exit with status 2.
 """
@@ -167,8 +171,7 @@ class Predictor:
 
 
 def _saved_model_runner(path: str, spec: export.InputSpec) -> Callable[[np.ndarray], Outputs]:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
+  tf = cli.import_tensorflow()
   serve = tf.saved_model.load(path).signatures["serving_default"]
 
   def run(images: np.ndarray) -> Outputs:

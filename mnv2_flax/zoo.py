@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mnv2_flax import benchmark, checkpoint, convert, data, models
+from mnv2_flax import benchmark, checkpoint, cli, convert, data, models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +233,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   )
   parser.add_argument("--steps", type=int, default=50, help="Timed calls per latency.")
   parser.add_argument("--warmup", type=int, default=5, help="Untimed calls before timing.")
+  parser.add_argument(
+      "--verbosity", type=int, default=-1, help="Log level (0: INFO; default -1: warnings)."
+  )
   args = parser.parse_args(argv)
+  cli.quiet_logs(args.verbosity)
   names = {entry.name: entry for entry in PUBLISHED}
   chosen = [name for name in args.only.split(",") if name] or list(names)
   unknown = [name for name in chosen if name not in names]

@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -21,6 +23,8 @@ import pytest
 from PIL import Image
 
 from mnv2_flax import checkpoint, convert, models, predict
+
+from conftest import REPO
 
 TOLERANCE = 1e-4
 ALPHA = 0.35
@@ -342,3 +346,123 @@ def test_settings_file_round_trip_of_a_features_import(guide, tmp_path):
   model, variables, config, names = checkpoint.load_model(out)
   assert model.head == "features" and names == () and config.dataset.eval_resize == "crop"
   assert isinstance(model, models.MobileNetV2) and "classifier" not in variables["params"]
+
+
+@pytest.fixture(scope="module")
+def features_checkpoint(guide, tmp_path_factory):
+  """The guide's .h5 imported without its classifier (`convert --head=features`)."""
+  out = str(tmp_path_factory.mktemp("features") / "mnv2_features")
+  convert.main(
+      ["--source=keras", f"--weights={guide[1]['.h5']}", "--head=features", f"--out={out}"]
+  )
+  return out
+
+
+def test_embeddings_of_files(guide, features_checkpoint, photos, tmp_path):
+  """`predict --embeddings`: a features checkpoint's pooled features, and a
+  classifier checkpoint's (the classifier's input) are the same vectors."""
+  model, variables, config, names = checkpoint.load_model(features_checkpoint)
+  assert model.head == "features" and names == () and config.dataset.eval_resize == "stretch"
+  assert "classifier" not in variables["params"]
+  features = predict.Predictor.from_checkpoint(features_checkpoint)
+  assert not features.has_classes
+  pixels_, errors = features.read_files(photos)
+  assert not errors
+  vectors = features.embeddings(np.stack(list(pixels_.values())))
+  assert vectors.shape == (len(photos), 1280)
+  # The same vectors, through the classifier model's own input.
+  imported = convert.keras_file(guide[1][".keras"])
+  classifier_dir = str(tmp_path / "classifier")
+  checkpoint.save_variables(classifier_dir, imported.variables, imported.settings(), (), "test")
+  classifier = predict.Predictor.from_checkpoint(classifier_dir)
+  np.testing.assert_allclose(
+      classifier.embeddings(np.stack(list(pixels_.values()))), vectors, atol=1e-5
+  )
+  with pytest.raises(convert.ConfigError, match="has no classes"):
+    features.predict(np.stack(list(pixels_.values())))
+
+
+@pytest.mark.slow
+def test_features_export_outputs_features(features_checkpoint, tmp_path):
+  """export of a features model: one output, named `features` (SavedModel)."""
+  tf = pytest.importorskip("tensorflow")
+  from mnv2_flax import export  # pylint: disable=g-import-not-at-top
+
+  out = str(tmp_path / "export")
+  info = export.export(features_checkpoint, out, ["saved_model"])
+  assert info["outputs"] == ["features"] and info["class_names"] == []
+  assert info["resize"] == "stretch"
+  images = pixels(97, seed=7)
+  serve = tf.saved_model.load(os.path.join(out, "saved_model")).signatures["serving_default"]
+  got = serve(**{export.INPUT_NAME: tf.constant(images)})
+  assert list(got) == ["features"]
+  expected = predict.Predictor.from_checkpoint(features_checkpoint).embeddings(images)
+  _check(got["features"].numpy(), expected, "exported features", relative=True)
+  exported = predict.Predictor.from_exported(os.path.join(out, "saved_model"))
+  _check(exported.embeddings(images), expected, "predict --model features", relative=True)
+
+
+def _readme_commands() -> list[str]:
+  """The README's block of commands for a fine-tuned model and features."""
+  text = (REPO / "README.md").read_text()
+  start = text.index("```bash\n", text.index("**Your own fine-tuned model, and features.**"))
+  block = text[start + len("```bash\n") : text.index("```", start + 8)]
+  return [line for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_readme_commands_import_predict_and_embed_quietly(guide, photos, tmp_path):
+  """Each README command, run as written on this test's files: the Keras
+  fine-tune and the Lightning checkpoint imported, a photo classified as
+  Keras does, features written; no library log lines, only the answers."""
+  commands = _readme_commands()
+  assert len(commands) == 5 and all(c.startswith("python -m mnv2_flax.") for c in commands)
+  names = ["airplane", "beach", "forest", "harbor", "river", "runway", "tennis"]
+  (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+  replacements = {
+      "/tmp/": f"{tmp_path}/",
+      "my_model.keras": guide[1][".keras"],
+      "classes.txt": str(tmp_path / "classes.txt"),
+      "photo.jpg": photos[0],
+      "lightning.ckpt": str(tmp_path / "lightning.ckpt"),
+  }
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    torch = None
+  if torch is not None:  # A LightningModule's checkpoint: keys "model.features...".
+    from test_convert import random_variables, torchvision_state_dict  # pylint: disable=g-import-not-at-top
+
+    state = torchvision_state_dict(random_variables(ALPHA))
+    torch.save(
+        {
+            "state_dict": {"model." + k: torch.from_numpy(v.copy()) for k, v in state.items()},
+            "hyper_parameters": {"lr": 0.01},
+        },
+        replacements["lightning.ckpt"],
+    )
+  outputs = []
+  for command in commands:
+    if "lightning.ckpt" in command and torch is None:
+      continue  # CI has no torch; test_convert covers the prefixes on numpy state dicts.
+    for old, new in replacements.items():
+      command = command.replace(old, new)
+    argv = command.split()
+    proc = subprocess.run(
+        [sys.executable, *argv[1:]], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"{command}\n{proc.stderr[-2000:]}"
+    assert proc.stderr == "", f"{command} logged:\n{proc.stderr[-2000:]}"
+    outputs.append(proc.stdout.splitlines())
+  prediction = outputs[1]
+  assert prediction[0] == photos[0] and len(prediction) == 6  # The path, then the top 5.
+  keras_top1 = names[int(np.argmax(guide[0].predict(_photo_pixels(photos[0]), verbose=0)))]
+  assert prediction[1].split()[-1] == keras_top1
+  embeddings = np.load(tmp_path / "embeddings.npy")
+  assert embeddings.shape == (1, 1280) and outputs[-1][0].startswith("Wrote")
+
+
+def _photo_pixels(path: str) -> np.ndarray:
+  """What image_dataset_from_directory gives Keras (exact for `photos`)."""
+  image = np.asarray(Image.open(path).convert("RGB"), np.float32)
+  return image.reshape(97, 97, 2, 3).mean(axis=2)[None]
