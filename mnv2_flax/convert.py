@@ -594,8 +594,8 @@ def _keras_constant(value: Any) -> np.ndarray | None:
 
 def _keras_operand(entry: dict[str, Any]) -> np.ndarray | None:
   """The constant second operand of an operation, from its inbound node:
-  Keras 3 ({"args": [tensor, 127.5]}) or tf.keras 2 ([[["input", 0, 0,
-  {"y": 127.5}]]])."""
+  Keras 3 ({"args": [tensor, 127.5]}) or tf.keras 2's TFOpLambda
+  ([["input", 0, 0, {"y": 127.5, "name": null}]])."""
   nodes = entry.get("inbound_nodes") or []
   if not nodes:
     return None
@@ -607,9 +607,10 @@ def _keras_operand(entry: dict[str, Any]) -> np.ndarray | None:
       return _keras_constant(args[1])
     kwargs = node.get("kwargs") or {}
     return _keras_constant(kwargs.get("y")) if first_is_tensor else None
-  if isinstance(node, list) and node and isinstance(node[0], list) and len(node[0]) > 3:
-    kwargs = node[0][3] if isinstance(node[0][3], dict) else {}
-    return _keras_constant(kwargs.get("y"))
+  if isinstance(node, list) and node and isinstance(node[0], list):
+    node = node[0]  # Layers: [[[inbound, 0, 0, kwargs]]]; TFOpLambda: [[inbound, 0, 0, kwargs]].
+  if isinstance(node, list) and len(node) > 3 and isinstance(node[3], dict):
+    return _keras_constant(node[3].get("y"))
   return None
 
 

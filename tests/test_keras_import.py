@@ -466,3 +466,46 @@ def _photo_pixels(path: str) -> np.ndarray:
   """What image_dataset_from_directory gives Keras (exact for `photos`)."""
   image = np.asarray(Image.open(path).convert("RGB"), np.float32)
   return image.reshape(97, 97, 2, 3).mean(axis=2)[None]
+
+
+def test_tf_keras_2_tfoplambda_preprocessing_is_read():
+  """tf.keras 2 (the tf-keras package) writes preprocess_input as TFOpLambda
+  layers, their constant in the inbound node's kwargs; the config below is
+  what tf-keras 2.21 wrote into a tutorial model's .h5 (its import matched
+  within 6e-6 there)."""
+  config = {
+      "class_name": "Functional",
+      "config": {
+          "name": "model",
+          "layers": [
+              {
+                  "class_name": "InputLayer",
+                  "name": "input_2",
+                  "config": {"batch_input_shape": [None, 96, 96, 3], "name": "input_2"},
+                  "inbound_nodes": [],
+              },
+              {
+                  "class_name": "TFOpLambda",
+                  "name": "tf.math.truediv",
+                  "config": {"name": "tf.math.truediv", "function": "math.truediv"},
+                  "inbound_nodes": [["input_2", 0, 0, {"y": 127.5, "name": None}]],
+              },
+              {
+                  "class_name": "TFOpLambda",
+                  "name": "tf.math.subtract",
+                  "config": {"name": "tf.math.subtract", "function": "math.subtract"},
+                  "inbound_nodes": [["tf.math.truediv", 0, 0, {"y": 1.0, "name": None}]],
+              },
+          ],
+      },
+  }
+  layers = convert.keras_layers(config)
+  assert [(layer.kind, float(layer.constant)) for layer in layers[1:]] == [
+      ("math.truediv", 127.5),
+      ("math.subtract", 1.0),
+  ]
+  plan = convert._KerasPlan()  # pylint: disable=protected-access
+  for layer in layers:
+    convert._preprocessing(layer, plan, {})  # pylint: disable=protected-access
+  assert convert._keras_normalization(plan) == ((0.5,) * 3, (0.5,) * 3)  # pylint: disable=protected-access
+  assert plan.input_shape == (None, 96, 96, 3)
