@@ -64,6 +64,7 @@ def wait_for(condition, timeout):
     time.sleep(0.1)
 
 
+@pytest.mark.slow  # Four training runs, one of them killed.
 def test_killed_sweep_resumes_on_slurm_and_reports_failures(tmp_path):
   sweep_file, workdir = tmp_path / "sweep.py", tmp_path / "sweep"
   sweep_file.write_text(SWEEP)
