@@ -5,8 +5,9 @@ One jit-compiled train step runs over a `jax.sharding.Mesh` with a single
 TrainState is replicated, and XLA reduces gradients and BatchNorm statistics
 over the global batch. The same code runs on 1 CPU, N GPUs or a TPU slice.
 
-This module does not import TensorFlow (the GPU/TPU images need not have it);
-clu's metric writers do, so they are imported where the loop starts.
+Neither this module nor the training loop imports TensorFlow (the GPU/TPU
+images need not have it): metrics go to TensorBoard through
+`mnv2_flax.metric_writer`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mnv2_flax import checkpoint, config_lib, data, datasets, errors, models
+from mnv2_flax import checkpoint, config_lib, data, datasets, errors, metric_writer, models
 
 Metrics = dict[str, jax.Array]
 
@@ -496,8 +497,6 @@ def write_settings(
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from WORKDIR/checkpoints if any), evaluates, returns results."""
-  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
-
   start_time = time.time()
   workdir = ensure_workdir(workdir)
   if config.checkpoint_path:  # Fine-tuning: the weights' own settings.
@@ -517,17 +516,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = restore_or_init(s, ckpt, config)
   start_step = int(state.step)
   is_main = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  writer = metric_writer.MetricWriter(workdir if is_main else None)
   if start_step == 0:
     writer.write_hparams(flatten(config.to_dict()))
-  report = periodic_actions.ReportProgress(num_train_steps=s.num_steps, writer=writer)
-  hooks = [report]
-  if config.profile_steps > 0 and is_main:
-    hooks.append(
-        periodic_actions.Profile(
-            num_profile_steps=config.profile_steps, first_profile=start_step + 2, logdir=workdir
-        )
-    )
+  progress = metric_writer.Progress(s.num_steps, start_step)
+  profile = metric_writer.Profile(
+      config.profile_steps if is_main else 0, first=start_step + 2, logdir=workdir
+  )
   preemption = PreemptionWatcher()
   batches: Iterator[dict[str, Any]] = s.dataset.train_batches(start_step)
   logging.info(
@@ -564,8 +559,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       step += 1
       pending.append(metrics)
       unchecked.append((step, metrics["nonfinite"]))
-      for hook in hooks:
-        hook(step)
+      profile(step)
       if step % config.log_every_steps == 0 or step == s.num_steps:
         check_finite()
         fetched = jax.device_get(pending)
@@ -576,6 +570,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         summary["images_per_s"] = (
             len(fetched) * config.global_batch_size / (time.time() - interval_start)
         )
+        summary.update(progress.scalars(step))
         writer.write_scalars(step, summary)
         pending, interval_start = [], time.time()
       if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < s.num_steps:
@@ -599,7 +594,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return results
   finally:
     preemption.restore_handlers()
-    writer.flush()
+    profile.stop()
+    writer.close()
     ckpt.wait()
     ckpt.close()
 
