@@ -30,7 +30,8 @@ from mnv2_flax import checkpoint, datasets, train
 from conftest import CACHE_DIR, REPO, SMOKE_CONFIG, tiny_config
 from image_files import encode, run_without_tensorflow
 
-pytestmark = pytest.mark.slow
+# One worker: the tests share the runs of the module fixture.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("image_training")]
 
 TIMEOUT_S = 300
 IMAGE = 12  # Pixels: tiny images decode in microseconds.
