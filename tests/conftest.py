@@ -175,7 +175,7 @@ def float64_layouts() -> str:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     command = [sys.executable, str(worker), "--dtype=float64", "--steps=4", "--seeds=0,1,2"]
     command += ["--restore", f"--out={directory}/results.json", f"--save_dir={directory}"]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
   return cached("float64-layouts", source_key(worker.read_text()), make)

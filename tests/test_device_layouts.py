@@ -34,7 +34,7 @@ import pytest
 
 from conftest import REPO, float64_layouts
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # Minutes on busy cores.
 
 WORKER = os.path.join(REPO, "tests", "layout_worker.py")
 SEEDS = "0,1,2"
@@ -54,7 +54,7 @@ def run_worker(tmp_path, dtype: str, steps: int, *flags: str) -> dict:
       env=env,
       capture_output=True,
       text=True,
-      timeout=600,
+      timeout=800,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(out.read_text())

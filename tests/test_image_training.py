@@ -31,7 +31,11 @@ from conftest import CACHE_DIR, REPO, SMOKE_CONFIG, tiny_config
 from image_files import encode, run_without_tensorflow
 
 # One worker: the tests share the runs of the module fixture.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("image_training")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("image_training"),
+    pytest.mark.timeout(600),  # The module's runs, on busy cores.
+]
 
 TIMEOUT_S = 300
 IMAGE = 12  # Pixels: tiny images decode in microseconds.
