@@ -64,6 +64,15 @@ class Dataset(Protocol):
     ...
 
 
+def pixel_stats(
+    normalization: tuple[Sequence[float], Sequence[float]],
+) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, std) of [0, 1] pixels as float32 arrays in 0..255 units, the
+  form uint8 pixels are normalised with: (x - mean) / std."""
+  mean, std = normalization
+  return np.asarray(mean, np.float32) * 255, np.asarray(std, np.float32) * 255
+
+
 def process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
   local = global_batch_size // process_count
   return slice(process_index * local, (process_index + 1) * local)
