@@ -8,6 +8,9 @@ Every dataset implements the same contract (`Dataset`):
   * `eval_batches()` yields padded batches with a `mask`; across all processes
     every eval example appears exactly once and every process yields the same
     number of batches (required by the collective eval step).
+  * A batch's `image` is float32, normalised (the in-memory datasets), or
+    uint8 pixels (datasets of image files), which the train and eval steps
+    normalise on the device (`train.normalize_pixels`).
   * Datasets of image files add `unreadable` to every batch: 1.0 for each
     example whose file could not be decoded (training: another image took its
     place; evaluation: masked out), which the steps count.
