@@ -256,7 +256,7 @@ def plot_top1(runs: pd.DataFrame, keys: Sequence[str], path: str) -> None:
 
 
 def read_scalars(directory: str, tags: Sequence[str]) -> dict[str, dict[int, float]]:
-  """{tag: {step: value}} from a run's event files (clu writes tensors).
+  """{tag: {step: value}} from a run's event files (scalars written as tensors, as tf.summary does).
 
   tensorboard reads them with the installed TensorFlow, or with its own stub
   where there is none (as on the GPU images).

@@ -8,9 +8,10 @@ The JAX numbers come from the trainer's own jitted step (`train.setup` with the
 "synthetic" dataset): one batch placed on device once, so no input cost. Keras
 3 (TensorFlow backend) and torchvision run in the same process on the same
 numpy batch. `--pipeline` times the training input pipeline on generated
-ImageNet-sized JPEGs, images/s per worker: this project's
-(`images.train_image` + normalisation in Grain worker processes) against the
-tf.data pipeline it replaced (kept here as a reference), with as many tf.data
+ImageNet-sized JPEGs, images/s per worker: this project's (the uint8
+batches of `images.train_image` in Grain worker processes, which the train
+step normalises on the device) against the tf.data pipeline it replaced
+(kept here as a reference, normalisation included), with as many tf.data
 threads as Grain workers.
 
 The JAX part and this project's pipeline never import TensorFlow (GPU images
@@ -40,7 +41,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from mnv2_flax import allocator, config_lib, images, layers, models, train
+from mnv2_flax import allocator, config_lib, data, images, layers, models, train
 
 Result = dict[str, Any]
 # Also the order they run in: torchvision's import segfaults once TensorFlow is
@@ -413,23 +414,62 @@ def generate_jpegs(count: int, seed: int = 0) -> list[bytes]:
   return encoded
 
 
-def _grain_images_per_s(
-    encoded: Sequence[bytes],
-    workers: int,
-    config: ml_collections.ConfigDict,
-    args: Any,
-    *,
-    processes: bool,
-) -> float:
-  """images.train_image in Grain, `workers` worker processes (processes=True:
-  uint8 batches through shared memory) or threads of this process, then
-  images.normalize as the training loop takes each batch."""
-  import grain  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
+class GeneratedImages:
+  """The generated JPEGs as an `input_pipeline.ImageSource` (label: index mod 10)."""
 
-  if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags.
-    flags.FLAGS.mark_as_parsed()
-  mean, std = _pixel_stats(config)
+  key = "benchmark"
+  location = "generated JPEGs"
+
+  def __init__(self, encoded: Sequence[bytes]):
+    self._encoded = list(encoded)
+
+  def __len__(self) -> int:
+    return len(self._encoded)
+
+  def read(self, index: int) -> tuple[bytes, int]:
+    return self._encoded[index], index % 10
+
+  def name(self, index: int) -> str:
+    return f"generated[{index}]"
+
+
+def _dataset_images_per_s(
+    encoded: Sequence[bytes], workers: int, config: ml_collections.ConfigDict, args: Any
+) -> float:
+  """The training loop's input: `input_pipeline.ImageDataset` on the JPEGs
+  (images.train_image in `workers` Grain worker processes, uint8 batches
+  through shared memory; the train step normalises them on the device)."""
+  from mnv2_flax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  config = config.copy_and_resolve_references()
+  config.dataset.workers = workers
+  dataset = input_pipeline.ImageDataset(
+      config,
+      train=GeneratedImages(encoded),
+      evaluation=None,
+      class_names=tuple(str(i) for i in range(10)),
+      process_index=0,
+      process_count=1,
+  )
+  batches = dataset.train_batches(0)
+  try:
+    times = time_calls(
+        lambda: next(batches),
+        args.warmup + 2 * workers + 2,  # Start-up, then the workers' buffers.
+        args.pipeline_batches,
+    )
+  finally:
+    batches.close()
+  return args.batch_size * len(times) / sum(times)
+
+
+def _grain_threads_images_per_s(
+    encoded: Sequence[bytes], workers: int, config: ml_collections.ConfigDict, args: Any
+) -> float:
+  """images.train_image in `workers` Grain threads of this process, uint8
+  batches (for comparison: the GIL against worker processes)."""
+  import grain  # pylint: disable=g-import-not-at-top
+
   train_image = functools.partial(
       images.train_image,
       image_size=args.image_size,
@@ -443,33 +483,19 @@ def _grain_images_per_s(
       .random_map(train_image)  # train_image(bytes, rng): its own rng per position.
       .batch(args.batch_size, drop_remainder=True)
   )
-  if processes:
-    # Each worker decodes in one thread, two batches ahead.
-    stream = batches.to_iter_dataset(
-        grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
-    ).mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
-  else:
-    stream = batches.to_iter_dataset(
-        grain.ReadOptions(num_threads=workers, prefetch_buffer_size=2 * workers)
-    )
+  stream = batches.to_iter_dataset(
+      grain.ReadOptions(num_threads=workers, prefetch_buffer_size=2 * workers)
+  )
   iterator = iter(stream)
   try:
     times = time_calls(
-        lambda: images.normalize(next(iterator), mean, std),
+        lambda: next(iterator),
         args.warmup + 2 * workers + 2,  # Start-up, then the workers' buffers.
         args.pipeline_batches,
     )
   finally:
     iterator.close()
   return args.batch_size * len(times) / sum(times)
-
-
-def _pixel_stats(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
-  """(mean, std) of the config in 0..255 pixel units, float32."""
-  return (
-      np.asarray(config.dataset.mean, np.float32) * 255,
-      np.asarray(config.dataset.std, np.float32) * 255,
-  )
 
 
 def _tf_data_images_per_s(
@@ -482,7 +508,7 @@ def _tf_data_images_per_s(
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   size = args.image_size
-  mean, std = _pixel_stats(config)
+  mean, std = data.pixel_stats((config.dataset.mean, config.dataset.std))
   # Full-size constants: TF's broadcast of a 3-vector over an image costs
   # about as much as decoding the JPEG (measured 0.8 vs 1 ms at 224x224).
   ones = np.ones((size, size, 3), np.float32)
@@ -535,15 +561,16 @@ PIPELINES = ("tf_data", "images_processes", "images_threads")
 
 def benchmark_pipeline(args: argparse.Namespace) -> Result:
   """Training images/s of the input pipeline, without the model, on the same
-  generated JPEGs: this project's (images.train_image in Grain, in worker
-  processes or in threads, then images.normalize) and the tf.data reference,
+  generated JPEGs: this project's (images.train_image in Grain worker
+  processes, as the training loop takes its uint8 batches; in Grain threads
+  for comparison) and the tf.data reference (normalisation included),
   each with 1 and all cores' worth of workers (tf.data: threads). Repeats
   alternate the pipelines, so that all see the same drift of a shared machine."""
   config = make_config(args)
   encoded = generate_jpegs(args.pipeline_images)
   runners: dict[str, Callable[..., float]] = {
-      "images_processes": functools.partial(_grain_images_per_s, processes=True),
-      "images_threads": functools.partial(_grain_images_per_s, processes=False),
+      "images_processes": _dataset_images_per_s,
+      "images_threads": _grain_threads_images_per_s,
   }
   result: Result = {}
   try:

@@ -8,6 +8,9 @@ Every dataset implements the same contract (`Dataset`):
   * `eval_batches()` yields padded batches with a `mask`; across all processes
     every eval example appears exactly once and every process yields the same
     number of batches (required by the collective eval step).
+  * A batch's `image` is float32, normalised (the in-memory datasets), or
+    uint8 pixels (datasets of image files), which the train and eval steps
+    normalise on the device (`train.normalize_pixels`).
   * Datasets of image files add `unreadable` to every batch: 1.0 for each
     example whose file could not be decoded (training: another image took its
     place; evaluation: masked out), which the steps count.
@@ -62,6 +65,15 @@ class Dataset(Protocol):
 
   def eval_batches(self) -> Iterator[Batch]:
     ...
+
+
+def pixel_stats(
+    normalization: tuple[Sequence[float], Sequence[float]],
+) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, std) of [0, 1] pixels as float32 arrays in 0..255 units, the
+  form uint8 pixels are normalised with: (x - mean) / std."""
+  mean, std = normalization
+  return np.asarray(mean, np.float32) * 255, np.asarray(std, np.float32) * 255
 
 
 def process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:

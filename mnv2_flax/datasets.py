@@ -139,14 +139,17 @@ def image_grid(
     class_names: Sequence[str],
     limit: int,
 ) -> Any:
-  """A PIL image of a batch's images as the model receives them, the
-  normalisation undone, each with its class name (and "substitute" where an
-  unreadable training file was replaced; masked examples left out)."""
+  """A PIL image of a batch's images as the model receives them (uint8
+  pixels, or float32 ones with the normalisation undone), each with its class
+  name (and "substitute" where an unreadable training file was replaced;
+  masked examples left out)."""
   from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
 
   mean, std = (np.asarray(x, np.float32) for x in normalization)
   keep = batch["mask"] == 1 if "mask" in batch else np.ones(len(batch["label"]), bool)
-  pixels = np.clip(np.rint((batch["image"][keep] * std + mean) * 255), 0, 255).astype(np.uint8)
+  pixels = batch["image"][keep]
+  if pixels.dtype != np.uint8:  # Normalised in the input pipeline (in-memory datasets).
+    pixels = np.clip(np.rint((pixels * std + mean) * 255), 0, 255).astype(np.uint8)
   labels = batch["label"][keep]
   substituted = batch.get("unreadable", np.zeros(len(keep)))[keep]
   n = min(len(pixels), limit)

@@ -222,7 +222,8 @@ def serving_function(
 def calibration_images(config: Any, spec: InputSpec, count: int) -> np.ndarray:
   """`count` training images of the checkpoint's dataset as [0, 255] pixels
   at the model's resolution (int8 calibration), through the training input
-  pipeline (augmentations included) with its normalisation undone."""
+  pipeline (augmentations included): its uint8 pixels, or its float32 ones
+  with the normalisation undone."""
   from mnv2_flax import datasets  # pylint: disable=g-import-not-at-top
 
   config = config.copy_and_resolve_references()
@@ -236,7 +237,9 @@ def calibration_images(config: Any, spec: InputSpec, count: int) -> np.ndarray:
     x = np.asarray(batch["image"], np.float32)
     if x.shape[1:3] != (size, size):
       x = np.asarray(jax.image.resize(x, (len(x), size, size, x.shape[3]), "bilinear"))
-    images.append(np.clip((x * std + mean) * 255, 0, 255))
+    if batch["image"].dtype != np.uint8:  # Normalised (in-memory datasets): undone.
+      x = np.clip((x * std + mean) * 255, 0, 255)
+    images.append(x)
     if sum(len(i) for i in images) >= count:
       break
   return np.concatenate(images)[:count]

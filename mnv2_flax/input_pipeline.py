@@ -7,7 +7,8 @@ exactly once across processes.
 * imagefolder, imagenet2012: a random-access source of encoded images (the
   sorted file list of a folder split, `folders.Split`; ImageNet's TFDS
   ArrayRecord files through `tfds.data_source`), decoded by `images` (Pillow,
-  no TensorFlow) in `dataset.workers` Grain worker processes.
+  no TensorFlow) in `dataset.workers` Grain worker processes. Batches carry
+  the uint8 pixels; the train and eval steps normalise them on the device.
 
   Order: epoch e reads the training split in a permutation drawn from
   (seed, e); global batch k takes positions [k B, (k + 1) B) of its epoch and
@@ -119,7 +120,7 @@ def normalization_stats(
           f"config.dataset.{key}: needs {channels} entries (one per "
           f"channel) for {config.dataset.name}, got {value}"
       )
-  return (np.asarray(mean, np.float32) * 255, np.asarray(std, np.float32) * 255)
+  return data.pixel_stats((mean, std))
 
 
 # ------------------------------------------------------------------------------
@@ -147,23 +148,20 @@ class ImageSource(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-  """Everything that turns encoded bytes into model input, but the randomness."""
+  """Everything that turns encoded bytes into uint8 pixels, but the randomness."""
 
   image_size: int
   crop_area_min: float
   eval_crop_fraction: float
   eval_resize: str
-  mean: np.ndarray  # 0..255 units, per channel.
-  std: np.ndarray
   channels: int = 3
 
   @classmethod
   def from_config(cls, config: Any) -> Preprocessing:
-    mean, std = normalization_stats(config, 3)
+    # Checked here; the train and eval steps normalise the uint8 batches with it.
+    normalization_stats(config, 3)
     d = config.dataset
-    return cls(
-        d.image_size, d.crop_area_min, d.eval_crop_fraction, d.get("eval_resize", "crop"), mean, std
-    )
+    return cls(d.image_size, d.crop_area_min, d.eval_crop_fraction, d.get("eval_resize", "crop"))
 
   def train(self, encoded: bytes, rng: np.random.Generator) -> np.ndarray:
     return images.train_image(
@@ -182,10 +180,6 @@ class Preprocessing:
         channels=self.channels,
         resize=self.eval_resize,
     )
-
-  def normalise(self, batch: data.Batch) -> data.Batch:
-    """uint8 images -> float32 (x - mean) / std."""
-    return {**batch, "image": images.normalize(batch["image"], self.mean, self.std)}
 
   def blank(self) -> np.ndarray:
     return np.zeros((self.image_size, self.image_size, self.channels), np.uint8)
@@ -436,9 +430,9 @@ class ImageDataset:
       tracker: UnreadableFiles,
       drop_remainder: bool,
   ) -> Iterator[data.Batch]:
-    batches = examples.batch(batch_size, drop_remainder=drop_remainder).map(
-        self._preprocessing.normalise
-    )
+    # uint8 images: the steps normalise them on the device (a quarter of
+    # float32's bytes through shared memory and to the device).
+    batches = examples.batch(batch_size, drop_remainder=drop_remainder)
     length = len(batches)
     with contextlib.closing(iterate(batches, self.workers)) as stream:
       for count, batch in enumerate(stream, 1):
@@ -462,9 +456,10 @@ def iterate(batches: grain.MapDataset, workers: int) -> Iterator[data.Batch]:
     )
   iterator = iter(stream)
   try:
-    for batch in iterator:
-      # Out of the workers' shared memory, which is then released at once.
-      yield {k: np.array(v) for k, v in batch.items()} if workers else batch
+    # Worker batches are views of their shared memory, not copied out (a
+    # copy cost 11 % of the images/s with 2 workers on 2 cores,
+    # docs/benchmarks.md); Grain unlinks each block once its array is gone.
+    yield from iterator
   finally:
     iterator.close()
 

@@ -44,7 +44,9 @@ def measure(
   s = train.setup(config)
   state = s.init_state()
   batch = next(s.dataset.train_batches(0))
-  images = train.prepare_images(jnp.asarray(batch["image"]), config.dataset.image_size)
+  images = train.prepare_images(
+      jnp.asarray(batch["image"]), config.dataset.image_size, s.pixel_stats
+  )
   labels = jnp.asarray(batch["label"])
 
   @jax.jit

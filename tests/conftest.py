@@ -1,13 +1,18 @@
 """Shared fixtures: tiny configs and a persistent compilation cache."""
 
 import contextlib
+import fcntl
+import hashlib
 import importlib.util
 import os
 import pathlib
+import platform
+import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -118,3 +123,59 @@ def worst_ratio(
       difference = float(np.max(np.abs(np.asarray(run[name]) - reference[name])))
       worst = max(worst, (difference / max(update[name], floor), name))
   return worst
+
+
+def source_key(*texts: str, sources: tuple[str, ...] = ()) -> str:
+  """A key of TEXTS, the package's source (every module, or SOURCES of it),
+  the JAX version and the CPU (another rounds differently, and tests compare
+  numbers made here with those a cached run recorded)."""
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+
+  cpu = platform.processor()
+  with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+    cpu = next((line for line in f if line.startswith("model name")), cpu)
+  digest = hashlib.sha256("".join([*texts, metadata.version("jax"), cpu]).encode())
+  package = REPO / "mnv2_flax"
+  for path in sorted(package.glob("*.py")) if not sources else [package / s for s in sources]:
+    digest.update(path.read_bytes())
+  return digest.hexdigest()[:16]
+
+
+def cached(name: str, key: str, make: Callable[[str], None]) -> str:
+  """CACHE_DIR/test_runs/NAME-KEY, made once for every test process (xdist
+  runs a fixture once per worker): make(DIRECTORY) fills a new directory,
+  which is then renamed into place; a file lock makes a second process wait
+  for the first one's rather than make it again."""
+  root = os.path.join(CACHE_DIR, "test_runs")
+  target = os.path.join(root, f"{name}-{key}")
+  if os.path.isdir(target):
+    return target
+  os.makedirs(root, exist_ok=True)
+  with open(target + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.isdir(target):
+      directory = tempfile.mkdtemp(dir=root, prefix=f"{name}-")
+      try:
+        make(directory)
+      except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+      os.rename(directory, target)
+  return target
+
+
+def float64_layouts() -> str:
+  """The directory of tests/layout_worker.py's float64 run (seeds 0-2, 4
+  steps, with the restore onto 4 devices), made once per test session:
+  results.json, and seed 0's 4-device weights after 2 and 4 steps and the
+  dropped-shard run's after 4 (test_multiprocess.py's references)."""
+  worker = REPO / "tests" / "layout_worker.py"
+
+  def make(directory: str) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    command = [sys.executable, str(worker), "--dtype=float64", "--steps=4", "--seeds=0,1,2"]
+    command += ["--restore", f"--out={directory}/results.json", f"--save_dir={directory}"]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+  return cached("float64-layouts", source_key(worker.read_text()), make)

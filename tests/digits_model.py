@@ -3,10 +3,13 @@ per test process and shared by both files.
 
 * `trained_digits`: a digits model trained once and cached (the smoke
   config's 8 steps learn nothing worth exporting): int8 agreement and
-  prediction. 300 steps of configs/smoke.py (label smoothing 0.1) reach ~97 %
-  test top-1 in under a minute on 2 cores. The result is kept under the repository's git-ignored
-  .jax_cache, keyed by the config and by the source of everything that shapes
-  the weights or their settings, so a change of that code trains afresh.
+  prediction, and test_train.py's checks. 300 steps of configs/smoke.py
+  (label smoothing 0.1) reach ~97 % test top-1 in under a minute on 2 cores.
+  Trained once for every test process (conftest.cached), into the
+  compilation cache's directory (the repository's git-ignored .jax_cache by
+  default), keyed by the config, the CPU and the source of everything that
+  shapes the weights or their settings, so a change of that code trains
+  afresh.
 * `random_checkpoint`: randomly initialised weights with randomised BatchNorm
   (digits-shaped, and RGB with ImageNet's settings), whose logits are a few
   units: float equivalence within an absolute 1e-4 (a trained model's logits
@@ -16,10 +19,8 @@ per test process and shared by both files.
 
 import atexit
 import functools
-import hashlib
 import json
 import os
-import platform
 import shutil
 import tempfile
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from mnv2_flax import checkpoint, config_lib, data, export, models
 
-from conftest import CACHE_DIR, REPO, tiny_config
+from conftest import cached, source_key, tiny_config
 
 STEPS = 300
 # Everything that shapes the weights or the settings.json beside them.
@@ -57,41 +58,18 @@ def training_config():
   )
 
 
-def _key(config) -> str:
-  # The CPU too: another one rounds differently, and tests compare metrics
-  # evaluated here with those the cached run recorded.
-  digest = hashlib.sha256(f"{config}{jax.__version__}{_cpu_model()}".encode())
-  for name in _SOURCES:
-    digest.update((REPO / "mnv2_flax" / name).read_bytes())
-  return digest.hexdigest()[:16]
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next((line for line in f if line.startswith("model name")), platform.processor())
-  except OSError:
-    return platform.processor()
-
-
 @functools.cache
 def trained_digits() -> tuple[str, dict]:
   """(checkpoints directory, results) of the cached digits model."""
   from mnv2_flax import train  # pylint: disable=g-import-not-at-top
 
   config = training_config()
-  root = os.path.join(CACHE_DIR, "test_models")
-  target = os.path.join(root, f"digits-{_key(config)}")
-  results_file = os.path.join(target, "results.json")
-  if not os.path.exists(results_file):
-    os.makedirs(root, exist_ok=True)
-    workdir = tempfile.mkdtemp(dir=root, prefix="training-")
-    train.train_and_evaluate(config, workdir)
-    try:
-      os.rename(workdir, target)  # Atomic: another test process may finish first.
-    except OSError:
-      shutil.rmtree(workdir, ignore_errors=True)
-  with open(results_file) as f:
+  target = cached(
+      "digits",
+      source_key(str(config), sources=_SOURCES),
+      lambda workdir: train.train_and_evaluate(config, workdir),
+  )
+  with open(os.path.join(target, "results.json")) as f:
     return os.path.join(target, "checkpoints"), json.load(f)
 
 

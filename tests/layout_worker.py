@@ -2,7 +2,7 @@
 reports how far each run's weights are from the 1-device run's, relative to
 their own updates (conftest.worst_ratio).
 
-  python tests/layout_worker.py --dtype=float64 --steps=3 --seeds=0,1,2 --restore --out=FILE
+  python tests/layout_worker.py --dtype=float64 --steps=4 --seeds=0,1,2 --restore --out=FILE
 
 Run by tests/test_device_layouts.py in a subprocess with 4 CPU devices (and,
 for float64, jax_enable_x64, which is process-wide). Every run goes through
@@ -16,7 +16,10 @@ with --restore "restored on 4 devices": the reference's weights after
 --steps steps saved to an orbax checkpoint, restored onto 4 devices and
 trained one more step, against the reference's own next step (each
 array's update is still its change over the first --steps steps). FILE
-gets, per seed and run, the worst array's ratio and its name.
+gets, per seed and run, the worst array's ratio and its name. With
+--save_dir, the first seed's 4-device weights after --steps / 2 and --steps
+steps, and its dropped-shard run's after --steps steps, go there as .npz
+files ("params/stem/kernel": array): test_multiprocess.py's references.
 """
 
 from __future__ import annotations
@@ -39,10 +42,11 @@ from mnv2_flax import checkpoint, train  # noqa: E402
 
 
 def variables(state: train.TrainState) -> dict[str, np.ndarray]:
-  """ "params/stem/kernel" -> value, for params and batch_stats."""
+  """ "params/stem/kernel" -> value, for params and batch_stats: copies, since
+  on the CPU device_get may alias buffers that the next (donating) step reuses."""
   tree = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
   return {
-      "/".join(str(k.key) for k in path): np.asarray(leaf)
+      "/".join(str(k.key) for k in path): np.array(leaf, copy=True)
       for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
   }
 
@@ -81,16 +85,26 @@ class Layouts:
     self.compiled.setdefault(name, s)
     return s
 
-  def compare(self, seed: int, steps: int, restore: bool) -> dict[str, tuple[float, str]]:
+  def compare(
+      self, seed: int, steps: int, restore: bool, save_dir: str | None = None
+  ) -> dict[str, tuple[float, str]]:
+    """The worst ratio of each run; with SAVE_DIR, the 4-device run's weights
+    after steps // 2 and after `steps` steps, and the dropped-shard run's."""
     one, four = self.setup("one", seed, 1), self.setup("four", seed, 4)
     reference = Run(one)
     initial = variables(reference.state)
     expected = reference.train(steps)
     update = updates(expected, initial)
-    results = {"4 devices": worst_ratio(Run(four).train(steps), expected, update)}
+    four_devices = Run(four)
+    halfway = four_devices.train(steps // 2)
+    trained = four_devices.train(steps - steps // 2)
+    results = {"4 devices": worst_ratio(trained, expected, update)}
     # The shard is dropped on the host: the same compiled step.
-    dropped = Run(four.replace(fault="drop_shard"))
-    results["4 devices, drop_shard"] = worst_ratio(dropped.train(steps), expected, update)
+    dropped = Run(four.replace(fault="drop_shard")).train(steps)
+    results["4 devices, drop_shard"] = worst_ratio(dropped, expected, update)
+    if save_dir:
+      for name, arrays in (("halfway", halfway), ("trained", trained), ("dropped", dropped)):
+        np.savez(os.path.join(save_dir, f"four_devices_{name}.npz"), **arrays)
     # A model of its own.
     per_device = Run(self.setup("per_device", seed, 4, "batch_stats_per_device"))
     results["4 devices, batch_stats_per_device"] = worst_ratio(
@@ -120,11 +134,15 @@ def main() -> None:
   parser.add_argument("--seeds", required=True, help="Comma-separated.")
   parser.add_argument("--restore", action="store_true", help="Also restore onto 4 devices.")
   parser.add_argument("--out", required=True)
+  parser.add_argument("--save_dir", help="Where the first seed's 4-device weights go.")
   args = parser.parse_args()
   jax.config.update("jax_enable_x64", args.dtype == "float64")
   layouts = Layouts(args.dtype)
   seeds = [int(s) for s in args.seeds.split(",")]
-  results = {f"seed={s}": layouts.compare(s, args.steps, args.restore) for s in seeds}
+  results = {
+      f"seed={s}": layouts.compare(s, args.steps, args.restore, args.save_dir if i == 0 else None)
+      for i, s in enumerate(seeds)
+  }
   with open(args.out, "w") as f:
     json.dump(results, f)
 

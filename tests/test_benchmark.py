@@ -39,6 +39,7 @@ def assert_positive_finite(result, keys):
     assert math.isfinite(result[key]) and result[key] > 0, (key, result[key])
 
 
+@pytest.mark.slow  # Compiles a width-0.35 model's train and inference steps.
 def test_jax_benchmark_writes_positive_finite_numbers(tmp_path, capsys):
   results = run_benchmark(tmp_path, *TINY)
   assert_positive_finite(results["jax"], (*MODEL_KEYS, "macs"))

@@ -182,7 +182,12 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(
-    "argv,expected", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
+    "argv,expected",
+    [
+        # Slow: the cases that train a model to make their checkpoint.
+        pytest.param(*c[1:], id=c[0], marks=[pytest.mark.slow] if "{ckpt}" in str(c[1]) else [])
+        for c in BAD_INPUTS
+    ],
 )
 def test_bad_input_is_one_line_exit_2(argv, expected, tmp_path, capsys, request):
   substitutions = {"tmp": tmp_path}

@@ -89,6 +89,7 @@ def assert_trees_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow  # Training or evaluation runs on an image folder.
 def test_frozen_backbone_trains_the_new_classifier_only(image_root, pretrained, tmp_path):
   loaded, _ = checkpoint.read_checkpoint(pretrained)
   saved = finetune(image_root, pretrained, str(tmp_path), **{"finetune.freeze": "backbone"})
@@ -100,6 +101,7 @@ def test_frozen_backbone_trains_the_new_classifier_only(image_root, pretrained, 
   assert settings["class_names"] == list(FOLDER_CLASSES)
 
 
+@pytest.mark.slow  # Training or evaluation runs on an image folder.
 def test_frozen_batch_stats_train_the_weights_but_keep_the_statistics(
     image_root, pretrained, tmp_path
 ):
@@ -139,6 +141,7 @@ def test_freezing_random_weights_is_refused():
     config_lib.validate(config, device_count=1)
 
 
+@pytest.mark.slow  # Training or evaluation runs on an image folder.
 def test_imported_weights_evaluate_with_their_own_settings(pretrained, tmp_path):
   # Another width and resolution in the config: settings.json decides.
   config = tiny_config(

@@ -30,7 +30,12 @@ from mnv2_flax import checkpoint, datasets, train
 from conftest import CACHE_DIR, REPO, SMOKE_CONFIG, tiny_config
 from image_files import encode, run_without_tensorflow
 
-pytestmark = pytest.mark.slow
+# One worker: the tests share the runs of the module fixture.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("image_training"),
+    pytest.mark.timeout(600),  # The module's runs, on busy cores.
+]
 
 TIMEOUT_S = 300
 IMAGE = 12  # Pixels: tiny images decode in microseconds.
@@ -197,20 +202,22 @@ def test_eval_only_folder(runs, tmp_path):
     assert json.load(f)["unreadable_images"] == 1
 
 
-def test_data_path_and_predict_without_tensorflow(train_only, runs, tmp_path):
-  """Where importing tensorflow fails: the folder pipeline, with a worker
-  process, and `predict` on the run's checkpoint."""
+def test_training_and_predict_without_tensorflow(train_only, runs, tmp_path):
+  """Where importing tensorflow fails: training on a folder (its pipeline with
+  a worker process, the loop, its TensorBoard events, the checkpoint), and
+  `predict` on a checkpoint."""
   root = train_only[0]
   image = next((root / "train" / "a").iterdir())
   script = f"""
-from mnv2_flax import datasets, predict
+from mnv2_flax import predict, train
 from conftest import tiny_config
 config = tiny_config(**{{"dataset.name": "imagefolder", "dataset.root": {str(root)!r},
-    "dataset.workers": 1, "global_batch_size": 4, "eval_batch_size": 4}})
-dataset = datasets.create_dataset(config, process_index=0, process_count=1)
-print(next(dataset.train_batches())["image"].shape)
+    "dataset.workers": 1, "global_batch_size": 4, "eval_batch_size": 4,
+    "num_train_steps": 2, "log_every_steps": 1, "eval_every_steps": -1}})
+print(train.train_and_evaluate(config, {str(tmp_path / "run")!r})["step"])
 predictor = predict.Predictor.from_checkpoint({str(runs[0] / "checkpoints")!r})
 probabilities, errors = predictor.predict_files([{str(image)!r}])
 print(len(probabilities), errors)
 """
-  assert run_without_tensorflow(script, tmp_path).splitlines() == ["(4, 16, 16, 3)", "1 {}"]
+  assert run_without_tensorflow(script, tmp_path).splitlines() == ["2", "1 {}"]
+  assert list((tmp_path / "run").glob("events.out.tfevents.*"))

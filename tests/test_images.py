@@ -305,20 +305,3 @@ def test_floating_point_images_are_refused(tmp_path):
   Image.fromarray(np.ones((4, 4), np.float32)).save(tmp_path / "f.tif")
   with pytest.raises(images.DecodeError, match="floating-point"):
     images.decode(_read(tmp_path / "f.tif"), 3)
-
-
-@pytest.mark.parametrize("channels", [1, 3])
-def test_normalize_is_the_float32_expression_bit_for_bit(channels):
-  rng = np.random.default_rng(0)
-  batch = rng.integers(0, 256, (2, 5, 7, channels), dtype=np.uint8)
-  mean = np.float32([0.485, 0.456, 0.406][:channels]) * 255
-  std = np.float32([0.229, 0.224, 0.225][:channels]) * 255
-  expected = (batch.astype(np.float32) - mean) / std
-  got = images.normalize(batch, mean, std)
-  assert got.dtype == np.float32
-  np.testing.assert_array_equal(got, expected)
-  np.testing.assert_array_equal(
-      images.normalize(batch[0, :, ::-1], mean, std), expected[0, :, ::-1]
-  )
-  with pytest.raises(ValueError, match="entries"):
-    images.normalize(batch, [0.5] * (channels + 1), [0.5] * (channels + 1))

@@ -72,10 +72,14 @@ def write_split_metadata(data_dir: str, name: str, sizes: dict[str, int], **kwar
 # ------------------------------------------------------------------------------
 
 
-def check_batch(batch: dict[str, np.ndarray], shape: tuple[int, ...], num_classes: int) -> None:
-  assert batch["image"].shape == shape and batch["image"].dtype == np.float32
-  assert np.isfinite(batch["image"]).all()
-  assert -3.0 < batch["image"].min() and batch["image"].max() < 3.0
+def check_batch(
+    batch: dict[str, np.ndarray], shape: tuple[int, ...], num_classes: int, dtype: type = np.uint8
+) -> None:
+  """Streamed images come as uint8 pixels, in-memory ones normalised (float32)."""
+  assert batch["image"].shape == shape and batch["image"].dtype == dtype
+  if dtype == np.float32:
+    assert np.isfinite(batch["image"]).all()
+    assert -3.0 < batch["image"].min() and batch["image"].max() < 3.0
   assert batch["label"].dtype == np.int32 and batch["label"].shape == shape[:1]
   assert ((0 <= batch["label"]) & (batch["label"] < num_classes)).all()
 
@@ -291,7 +295,7 @@ def test_cifar10(tmp_path):
   assert dataset.info.num_classes == 10
   assert dataset.info.image_shape == (32, 32, 3)  # Native; resized on device.
   for batch in itertools.islice(dataset.train_batches(), 4):
-    check_batch(batch, (8, 32, 32, 3), 10)
+    check_batch(batch, (8, 32, 32, 3), 10, np.float32)
   batches = list(dataset.eval_batches())
   assert sum(b["mask"].sum() for b in batches) == 24
   check_resume(dataset, 24 // 8)
@@ -536,6 +540,20 @@ def test_image_folder_errors(tmp_path):
   fails(tmp_path, os.path.join(tmp_path, "val", "dog"), "is a class", "train does not know")
 
 
+def test_int8_calibration_takes_the_training_pixels_of_a_folder(image_root):
+  from mnv2_flax import export  # pylint: disable=g-import-not-at-top
+
+  config = make_config(dataset__name="imagefolder", dataset__root=image_root)
+  spec = export.InputSpec(
+      IMAGE_SIZE, 3, config.dataset.mean, config.dataset.std, 0.875, "imagefolder", FOLDER_CLASSES
+  )
+  calibration = export.calibration_images(config, spec, 6)
+  config.global_batch_size = 6  # As calibration_images sets it: the first 6 of step 0.
+  first = next(create(config).train_batches())["image"]
+  assert calibration.dtype == np.float32
+  np.testing.assert_array_equal(calibration, first)
+
+
 def test_show_summarises_a_folder_and_draws_what_the_model_sees(image_root, tmp_path):
   config = make_config(
       dataset__name="imagefolder", dataset__root=image_root, global_batch_size=4, eval_batch_size=4
@@ -549,10 +567,9 @@ def test_show_summarises_a_folder_and_draws_what_the_model_sees(image_root, tmp_
   assert list(evaluation["unreadable"]) == [os.path.join(image_root, "test", "cat", "3.png")]
   with open(tmp_path / "summary.json") as f:
     assert json.load(f) == summary
-  # The grid's first tile is step 0's first image, de-normalised, upscaled.
+  # The grid's first tile is step 0's first image (uint8 pixels), upscaled.
   grid = np.asarray(Image.open(tmp_path / "train.png"))
   assert grid.shape == (96 + 14, 6 * 96, 3)
   first = next(image_folder(image_root).train_batches())["image"][0]
-  pixels = np.rint((first * config.dataset.std + config.dataset.mean) * 255).astype(np.uint8)
-  np.testing.assert_array_equal(grid[:96:3, :96:3], pixels)
+  np.testing.assert_array_equal(grid[:96:3, :96:3], first)
   assert Image.open(tmp_path / "eval.png").size == (6 * 96, 96 + 14)

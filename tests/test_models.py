@@ -141,6 +141,7 @@ def test_residual_variants_and_zero_init_keep_the_parameter_tree(residual):
   assert logits.shape == (2, 10)
 
 
+@pytest.mark.slow  # Two initialisations of the whole model.
 def test_zero_init_residual_starts_each_residual_branch_as_the_identity():
   for residual, branch_end in (("bottleneck", "project_bn"), ("expansion", "expand_bn")):
     model = models.MobileNetV2(
@@ -215,6 +216,7 @@ def small_model():
   return model, model.init(jax.random.PRNGKey(1), x, train=False), x
 
 
+@pytest.mark.slow  # The whole model op by op, and its initialisation.
 def test_train_mode_updates_batch_stats_and_uses_dropout(small_model):
   model, variables, x = small_model
   logits, updates = model.apply(
@@ -232,6 +234,7 @@ def test_train_mode_updates_batch_stats_and_uses_dropout(small_model):
   np.testing.assert_array_equal(eval_a, eval_b)
 
 
+@pytest.mark.slow  # As above, in bfloat16 too.
 def test_bfloat16_compute_keeps_float32_params(small_model):
   model, variables, x = small_model
   bf16 = model.clone(dtype=jnp.bfloat16)

@@ -64,6 +64,7 @@ def wait_for(condition, timeout):
     time.sleep(0.1)
 
 
+@pytest.mark.slow  # Four training runs, one of them killed.
 def test_killed_sweep_resumes_on_slurm_and_reports_failures(tmp_path):
   sweep_file, workdir = tmp_path / "sweep.py", tmp_path / "sweep"
   sweep_file.write_text(SWEEP)
@@ -131,7 +132,7 @@ def test_killed_sweep_resumes_on_slurm_and_reports_failures(tmp_path):
   assert table[2].endswith("error: no checkpoint in no_such_checkpoint")
   assert table[-1] == "2 runs: 1 done, 1 failed"
 
-  # The trainer's (clu's) event files, read back as the report does.
+  # The trainer's event files, read back as the report does.
   curves = report.read_scalars(str(good), ["eval_top1", "loss"])
   assert curves["eval_top1"] == {8: pytest.approx(results["top1"])}
   assert 8 in curves["loss"]

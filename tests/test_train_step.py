@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from mnv2_flax import train
+from mnv2_flax import data, train
 
 
 class TwoLayers(nn.Module):
@@ -67,3 +67,49 @@ def test_a_nonfinite_update_is_skipped_or_applied_as_configured():
   _, applied, metrics = step_once(nan, skip_nonfinite=False)
   assert metrics["nonfinite"] == 1
   assert not jnp.isfinite(applied.params["Dense_0"]["kernel"]).any()
+
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_uint8_images_are_normalised_in_the_step_as_the_float32_expression():
+  """Every uint8 value in every channel, jitted as in the steps: the
+  float32 (x - mean) / std that numpy computes, bit for bit."""
+  stats = data.pixel_stats(IMAGENET)
+  pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
+  prepare = jax.jit(functools.partial(train.prepare_images, image_size=16, pixel_stats=stats))
+  got = np.asarray(prepare(pixels))
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, (pixels.astype(np.float32) - stats[0]) / stats[1])
+  with pytest.raises(ValueError, match="pixel_stats"):
+    train.prepare_images(jnp.asarray(pixels), 1)
+
+
+def test_a_uint8_batch_trains_as_its_normalised_float32_batch():
+  stats = data.pixel_stats(IMAGENET)
+  pixels = np.random.default_rng(0).integers(0, 256, (4, 2, 2, 3), dtype=np.uint8)
+  normalised = (pixels.astype(np.float32) - stats[0]) / stats[1]
+  model = TwoLayers()
+  variables = model.init(jax.random.PRNGKey(0), normalised)
+  state = train.TrainState.create(
+      apply_fn=model.apply,
+      params=variables["params"],
+      tx=optax.sgd(0.1),
+      batch_stats=variables["batch_stats"],
+  )
+  step = jax.jit(
+      functools.partial(
+          train.train_step,
+          image_size=2,
+          label_smoothing=0.0,
+          lr_fn=optax.constant_schedule(0.1),
+          skip_nonfinite=False,
+          pixel_stats=stats,
+      )
+  )
+  labels = np.arange(4, dtype=np.int32) % 3
+  after = [
+      step(state, {"image": images, "label": labels}, jax.random.PRNGKey(1))
+      for images in (pixels, normalised)
+  ]
+  jax.tree.map(np.testing.assert_array_equal, *jax.device_get(after))
