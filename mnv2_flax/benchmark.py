@@ -32,7 +32,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import cv2
@@ -453,14 +453,9 @@ def _dataset_images_per_s(
   )
   batches = dataset.train_batches(0)
   try:
-    times = time_calls(
-        lambda: next(batches),
-        args.warmup + 2 * workers + 2,  # Start-up, then the workers' buffers.
-        args.pipeline_batches,
-    )
+    return _images_per_s(batches, args.warmup + 2 * workers + 2, args)
   finally:
     batches.close()
-  return args.batch_size * len(times) / sum(times)
 
 
 def _grain_threads_images_per_s(
@@ -488,14 +483,9 @@ def _grain_threads_images_per_s(
   )
   iterator = iter(stream)
   try:
-    times = time_calls(
-        lambda: next(iterator),
-        args.warmup + 2 * workers + 2,  # Start-up, then the workers' buffers.
-        args.pipeline_batches,
-    )
+    return _images_per_s(iterator, args.warmup + 2 * workers + 2, args)
   finally:
     iterator.close()
-  return args.batch_size * len(times) / sum(times)
 
 
 def _tf_data_images_per_s(
@@ -552,7 +542,13 @@ def _tf_data_images_per_s(
   options.threading.private_threadpool_size = threads
   options.threading.max_intra_op_parallelism = 1
   batches = ds.with_options(options).as_numpy_iterator()
-  times = time_calls(lambda: next(batches), args.warmup + 2, args.pipeline_batches)
+  return _images_per_s(batches, args.warmup + 2, args)
+
+
+def _images_per_s(batches: Iterator[Any], warmup: int, args: Any) -> float:
+  """Images/s of `args.pipeline_batches` batches after `warmup` (the start-up,
+  then what the workers or threads have buffered)."""
+  times = time_calls(lambda: next(batches), warmup, args.pipeline_batches)
   return args.batch_size * len(times) / sum(times)
 
 

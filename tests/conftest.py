@@ -179,3 +179,14 @@ def float64_layouts() -> str:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
   return cached("float64-layouts", source_key(worker.read_text()), make)
+
+
+def random_batch_norm(rng: np.random.Generator, channels: int) -> list[np.ndarray]:
+  """A BatchNorm layer's scale, offset, moving mean and moving variance, at
+  random: the initial 1, 0, 0, 1 would hide a swapped pair in an importer."""
+  return [
+      rng.uniform(0.5, 1.5, channels),
+      rng.normal(0, 0.3, channels),
+      rng.normal(0, 0.3, channels),
+      rng.uniform(0.3, 2.0, channels),
+  ]

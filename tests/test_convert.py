@@ -27,6 +27,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from mnv2_flax import checkpoint, convert, data, models  # noqa: E402
 
+from conftest import random_batch_norm  # noqa: E402
+
 TOLERANCE = 1e-4
 NUM_CLASSES = 10
 
@@ -76,15 +78,7 @@ def keras_model(alpha: float, size: int, seed: int = 0, classes: int = NUM_CLASS
       fan_in *= 8 if isinstance(layer, keras.layers.Dense) else 1  # Logits of a few units.
       layer.set_weights([_he(kernel.shape, fan_in, rng)] + [b + 0.1 for b in bias])
     if isinstance(layer, keras.layers.BatchNormalization):
-      c = layer.gamma.shape[0]
-      layer.set_weights(
-          [
-              rng.uniform(0.5, 1.5, c),
-              rng.normal(0, 0.3, c),
-              rng.normal(0, 0.3, c),
-              rng.uniform(0.3, 2.0, c),
-          ]
-      )
+      layer.set_weights(random_batch_norm(rng, layer.gamma.shape[0]))
   return model
 
 

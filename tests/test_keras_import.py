@@ -24,7 +24,7 @@ from PIL import Image
 
 from mnv2_flax import checkpoint, convert, models, predict
 
-from conftest import REPO
+from conftest import REPO, random_batch_norm
 
 TOLERANCE = 1e-4
 ALPHA = 0.35
@@ -55,15 +55,7 @@ def randomize(model, seed: int = 0) -> None:
         weights = rng.normal(0, np.sqrt(2 / fan_in), kernel.shape).astype(np.float32)
         layer.set_weights([weights] + [b + 0.1 for b in bias])
       elif isinstance(layer, keras.layers.BatchNormalization):
-        c = layer.gamma.shape[0]
-        layer.set_weights(
-            [
-                rng.uniform(0.5, 1.5, c),
-                rng.normal(0, 0.3, c),
-                rng.normal(0, 0.3, c),
-                rng.uniform(0.3, 2.0, c),
-            ]
-        )
+        layer.set_weights(random_batch_norm(rng, layer.gamma.shape[0]))
 
   walk(model.layers)
 

@@ -22,10 +22,9 @@ class TwoLayers(nn.Module):
     return nn.Dense(3)(x)
 
 
-def step_once(image: np.ndarray, skip_nonfinite: bool):
-  """(state before, state after, metrics) of one step on a batch of `image`s."""
+def two_layer_step(images: np.ndarray, *, skip_nonfinite: bool, pixel_stats=None):
+  """(initial state, jitted train step) of TwoLayers on batches like `images`."""
   model = TwoLayers()
-  images = np.stack([image + i for i in range(4)]).astype(np.float32)
   variables = model.init(jax.random.PRNGKey(0), images)
   state = train.TrainState.create(
       apply_fn=model.apply,
@@ -36,12 +35,20 @@ def step_once(image: np.ndarray, skip_nonfinite: bool):
   step = jax.jit(
       functools.partial(
           train.train_step,
-          image_size=image.shape[0],
+          image_size=images.shape[1],
           label_smoothing=0.0,
           lr_fn=optax.constant_schedule(0.1),
           skip_nonfinite=skip_nonfinite,
+          pixel_stats=pixel_stats,
       )
   )
+  return state, step
+
+
+def step_once(image: np.ndarray, skip_nonfinite: bool):
+  """(state before, state after, metrics) of one step on a batch of `image`s."""
+  images = np.stack([image + i for i in range(4)]).astype(np.float32)
+  state, step = two_layer_step(images, skip_nonfinite=skip_nonfinite)
   batch = {"image": images, "label": np.arange(4, dtype=np.int32) % 3}
   new_state, metrics = step(state, batch, jax.random.PRNGKey(1))
   return state, new_state, jax.device_get(metrics)
@@ -89,24 +96,7 @@ def test_a_uint8_batch_trains_as_its_normalised_float32_batch():
   stats = data.pixel_stats(IMAGENET)
   pixels = np.random.default_rng(0).integers(0, 256, (4, 2, 2, 3), dtype=np.uint8)
   normalised = (pixels.astype(np.float32) - stats[0]) / stats[1]
-  model = TwoLayers()
-  variables = model.init(jax.random.PRNGKey(0), normalised)
-  state = train.TrainState.create(
-      apply_fn=model.apply,
-      params=variables["params"],
-      tx=optax.sgd(0.1),
-      batch_stats=variables["batch_stats"],
-  )
-  step = jax.jit(
-      functools.partial(
-          train.train_step,
-          image_size=2,
-          label_smoothing=0.0,
-          lr_fn=optax.constant_schedule(0.1),
-          skip_nonfinite=False,
-          pixel_stats=stats,
-      )
-  )
+  state, step = two_layer_step(normalised, skip_nonfinite=False, pixel_stats=stats)
   labels = np.arange(4, dtype=np.int32) % 3
   after = [
       step(state, {"image": images, "label": labels}, jax.random.PRNGKey(1))
