@@ -451,11 +451,7 @@ def _dataset_images_per_s(
       process_index=0,
       process_count=1,
   )
-  batches = dataset.train_batches(0)
-  try:
-    return _images_per_s(batches, args.warmup + 2 * workers + 2, args)
-  finally:
-    batches.close()
+  return _images_per_s(dataset.train_batches(0), 2 * workers + 2, args)
 
 
 def _grain_threads_images_per_s(
@@ -481,11 +477,7 @@ def _grain_threads_images_per_s(
   stream = batches.to_iter_dataset(
       grain.ReadOptions(num_threads=workers, prefetch_buffer_size=2 * workers)
   )
-  iterator = iter(stream)
-  try:
-    return _images_per_s(iterator, args.warmup + 2 * workers + 2, args)
-  finally:
-    iterator.close()
+  return _images_per_s(iter(stream), 2 * workers + 2, args)
 
 
 def _tf_data_images_per_s(
@@ -542,13 +534,18 @@ def _tf_data_images_per_s(
   options.threading.private_threadpool_size = threads
   options.threading.max_intra_op_parallelism = 1
   batches = ds.with_options(options).as_numpy_iterator()
-  return _images_per_s(batches, args.warmup + 2, args)
+  return _images_per_s(batches, 2, args)
 
 
-def _images_per_s(batches: Iterator[Any], warmup: int, args: Any) -> float:
-  """Images/s of `args.pipeline_batches` batches after `warmup` (the start-up,
-  then what the workers or threads have buffered)."""
-  times = time_calls(lambda: next(batches), warmup, args.pipeline_batches)
+def _images_per_s(batches: Iterator[Any], buffered: int, args: Any) -> float:
+  """Images/s of `args.pipeline_batches` batches after `args.warmup` and the
+  `buffered` batches the workers or threads hold ready; then closes `batches`
+  where it can be closed (Grain's iterators end their workers)."""
+  try:
+    times = time_calls(lambda: next(batches), args.warmup + buffered, args.pipeline_batches)
+  finally:
+    if hasattr(batches, "close"):
+      batches.close()
   return args.batch_size * len(times) / sum(times)
 
 

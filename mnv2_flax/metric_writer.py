@@ -65,10 +65,6 @@ class MetricWriter:
       summary = hparams_summary.hparams_pb(values)
       self._write(event_pb2.Event(wall_time=time.time(), step=0, summary=summary))
 
-  def flush(self) -> None:
-    if self._records:
-      self._records.flush()
-
   def close(self) -> None:
     if self._records:
       self._records.close()
