@@ -132,6 +132,9 @@ KEYS: tuple[Key, ...] = (
     # what Keras' image_dataset_from_directory feeds a fine-tuned model).
     Key("dataset.eval_resize", "crop", _choice(("crop", "stretch"))),
     Key("model.width_multiplier", 0.5, _POSITIVE),
+    # Blocks per stage: ceil(n * depth_multiplier) of the paper's n, at least
+    # one (1: the paper's 17 blocks; 0.25: one per stage, 7 blocks).
+    Key("model.depth_multiplier", 1.0, _POSITIVE),
     # t of every block with t > 1 (the paper's 6).
     Key("model.expansion", 6, _int(low=1)),
     # "linear" (paper) or "relu6" (ablation).
@@ -236,6 +239,7 @@ KEYS: tuple[Key, ...] = (
 # applied whenever weights are loaded, fine-tuning included.
 WEIGHT_KEYS = (
     "model.width_multiplier",
+    "model.depth_multiplier",
     "model.expansion",
     "model.bottleneck",
     "model.residual",

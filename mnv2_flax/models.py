@@ -9,6 +9,7 @@ and never changes the parameter tree.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,13 @@ RESIDUALS = ("bottleneck", "expansion", "none")
 # What the model returns: the classifier's logits, or the pooled features the
 # classifier would take (a features model has no classifier parameters).
 HEADS = ("classifier", "features")
+
+
+def stage_repeats(repeats: int, depth_multiplier: float) -> int:
+  """Blocks in a stage of Table 2's n `repeats` at `depth_multiplier`:
+  ceil(n * multiplier), at least 1 (EfficientNet's depth scaling)."""
+  # Rounded first: 1.1 * 10 is 11.000000000000002 in floats.
+  return max(1, math.ceil(round(repeats * depth_multiplier, 6)))
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -144,6 +152,8 @@ class MobileNetV2(nn.Module):
 
   num_classes: int = 1000
   width_multiplier: float = 1.0
+  # Blocks per stage: ceil(n * depth_multiplier) of Table 2's n (1: the paper's 17).
+  depth_multiplier: float = 1.0
   expansion: int = 6
   bottleneck: str = "linear"
   residual: str = "bottleneck"
@@ -187,7 +197,7 @@ class MobileNetV2(nn.Module):
     info, stride, index = [], self.stem_stride, 0
     blocks = []
     for (_, c, n, _), stage_stride in zip(INVERTED_RESIDUAL_SETTING, self.stage_strides):
-      for i in range(n):
+      for i in range(stage_repeats(n, self.depth_multiplier)):
         stride *= stage_stride if i == 0 else 1
         blocks.append((f"block{index}", stride, make_divisible(c * self.width_multiplier)))
         index += 1
@@ -244,7 +254,7 @@ class MobileNetV2(nn.Module):
     maps = {}
     index, shortcut = 0, None
     for (t, c, n, _), stride in zip(INVERTED_RESIDUAL_SETTING, self.stage_strides, strict=True):
-      for i in range(n):
+      for i in range(stage_repeats(n, self.depth_multiplier)):
         x, shortcut = block(
             out_channels=make_divisible(c * self.width_multiplier),
             stride=stride if i == 0 else 1,
@@ -294,6 +304,7 @@ def create_model(
       statistics_groups=statistics_groups,
       num_classes=num_classes,
       width_multiplier=model_config.width_multiplier,
+      depth_multiplier=model_config.get("depth_multiplier", 1.0),
       expansion=model_config.expansion,
       bottleneck=model_config.bottleneck,
       residual=model_config.residual,

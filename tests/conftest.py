@@ -25,6 +25,14 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SMOKE_CONFIG = "configs/smoke.py"
+# The model of the tests of plumbing (signals, resume, sweeps, device
+# layouts, data paths): one block per stage, 7 of the paper's 17. The same
+# kinds of layer, strides and data path, a third less to trace and compile.
+SHALLOW = {"model.depth_multiplier": 0.25}
+SHALLOW_FLAG = "--config.model.depth_multiplier=0.25"
+# The device-layout runs (tests/layout_worker.py, test_multiprocess.py): the
+# shallow model on 2 images per device of 4 (float64 steps are slow on a CPU).
+LAYOUT_CONFIG = {**SHALLOW, "global_batch_size": 8}
 
 
 def tiny_config(**overrides):

@@ -33,7 +33,7 @@ import tempfile
 # Four CPU devices, and the tests' compilation cache: before JAX is imported.
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import tiny_config, worst_ratio  # noqa: E402, I001
+from conftest import LAYOUT_CONFIG, tiny_config, worst_ratio  # noqa: E402, I001
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -78,7 +78,9 @@ class Layouts:
     self.compiled: dict[str, train.Setup] = {}
 
   def setup(self, name: str, seed: int, devices: int, fault: str = "") -> train.Setup:
-    config = tiny_config(**{"seed": seed, "model.dtype": self.dtype, "testing.fault": fault})
+    config = tiny_config(
+        **LAYOUT_CONFIG, **{"seed": seed, "model.dtype": self.dtype, "testing.fault": fault}
+    )
     s = train.setup(config, train.create_mesh(jax.devices()[:devices]))
     if name in self.compiled:  # Another seed: the same compiled functions.
       s = s.replace(init=self.compiled[name].init, step=self.compiled[name].step)

@@ -18,7 +18,16 @@ import pytest
 
 from mnv2_flax import checkpoint, data, errors, train
 
-from conftest import CACHE_DIR, REPO, SMOKE_CONFIG, checkpoint_steps, started, tiny_config
+from conftest import (
+    CACHE_DIR,
+    REPO,
+    SHALLOW,
+    SHALLOW_FLAG,
+    SMOKE_CONFIG,
+    checkpoint_steps,
+    started,
+    tiny_config,
+)
 
 # One worker: the in-process runs share the compiled steps of this config.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fault_tolerance")]
@@ -27,7 +36,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fault_tolerance")]
 # Every run here is configs/smoke.py as it is: 8 steps, a checkpoint every 4
 # (the compiled steps most tests share).
 STEPS = 8
-RUN_FLAGS = [f"--config={SMOKE_CONFIG}", f"--config.compilation_cache_dir={CACHE_DIR}"]
+RUN_FLAGS = [
+    f"--config={SMOKE_CONFIG}",
+    SHALLOW_FLAG,
+    f"--config.compilation_cache_dir={CACHE_DIR}",
+]
 
 
 class Main:
@@ -81,7 +94,7 @@ def final_variables(workdir):
 def finished(tmp_path_factory):
   """An uninterrupted run, in this process: checkpoints at steps 4 and 8."""
   workdir = tmp_path_factory.mktemp("finished")
-  train.train_and_evaluate(tiny_config(), str(workdir))
+  train.train_and_evaluate(tiny_config(**SHALLOW), str(workdir))
   return workdir
 
 
@@ -107,7 +120,7 @@ def test_preemption_and_sigkill_then_rerun_end_bitwise_identical(finished, tmp_p
     run.wait_for_checkpoint(preempted // 4 * 4 + 4)
     run.proc.kill()
     run.proc.wait()
-  assert train.train_and_evaluate(tiny_config(), str(interrupted))["step"] == STEPS
+  assert train.train_and_evaluate(tiny_config(**SHALLOW), str(interrupted))["step"] == STEPS
   a, b = final_variables(finished), final_variables(interrupted)
   assert a[2] == b[2] == STEPS
   jax.tree.map(np.testing.assert_array_equal, a[:2], b[:2])
@@ -128,7 +141,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(finished, tmp_path, da
   workdir = tmp_path / "run"
   shutil.copytree(finished, workdir)
   damage(workdir / "checkpoints" / str(STEPS))
-  results = train.train_and_evaluate(tiny_config(), str(workdir))
+  results = train.train_and_evaluate(tiny_config(**SHALLOW), str(workdir))
   assert results["step"] == STEPS
   assert (workdir / "checkpoints_corrupt" / str(STEPS)).is_dir()  # Kept for inspection.
   assert checkpoint_steps(workdir / "checkpoints") == [4, 8]
@@ -157,5 +170,5 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
       errors.NonFiniteError,
       match=r"at step 6; stopped at step 8\. Last good checkpoint: .*/checkpoints/4",
   ):
-    train.train_and_evaluate(tiny_config(), str(tmp_path))
+    train.train_and_evaluate(tiny_config(**SHALLOW), str(tmp_path))
   assert checkpoint_steps(tmp_path / "checkpoints") == [4]

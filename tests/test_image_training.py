@@ -27,7 +27,7 @@ import pytest
 
 from mnv2_flax import checkpoint, datasets, train
 
-from conftest import CACHE_DIR, REPO, SMOKE_CONFIG, tiny_config
+from conftest import CACHE_DIR, REPO, SHALLOW, SHALLOW_FLAG, SMOKE_CONFIG, tiny_config
 from image_files import encode, run_without_tensorflow
 
 # One worker: the tests share the runs of the module fixture.
@@ -52,6 +52,7 @@ def folder_config(root, **overrides):
           "dataset.workers": 0,
           "global_batch_size": 4,
           "eval_batch_size": 4,
+          **SHALLOW,
           **overrides,
       }
   )
@@ -126,6 +127,7 @@ def runs(train_only, tmp_path_factory):
       f"--config.num_train_steps={steps}",
       f"--config.checkpoint_every_steps={late}",
       "--config.log_every_steps=1",
+      SHALLOW_FLAG,
       f"--config.compilation_cache_dir={CACHE_DIR}",
   ]
   reference = start_main([*args, "--config.dataset.workers=0", f"--workdir={base / 'reference'}"])
@@ -213,7 +215,8 @@ from mnv2_flax import predict, train
 from conftest import tiny_config
 config = tiny_config(**{{"dataset.name": "imagefolder", "dataset.root": {str(root)!r},
     "dataset.workers": 1, "global_batch_size": 4, "eval_batch_size": 4,
-    "num_train_steps": 2, "log_every_steps": 1, "eval_every_steps": -1}})
+    "num_train_steps": 2, "log_every_steps": 1, "eval_every_steps": -1,
+    "model.depth_multiplier": {SHALLOW["model.depth_multiplier"]}}})
 print(train.train_and_evaluate(config, {str(tmp_path / "run")!r})["step"])
 predictor = predict.Predictor.from_checkpoint({str(runs[0] / "checkpoints")!r})
 probabilities, errors = predictor.predict_files([{str(image)!r}])

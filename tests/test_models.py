@@ -55,6 +55,25 @@ def test_block_structure_follows_table_2():
   assert params["block16"]["project"]["kernel"].shape == (1, 1, 960, 320)
 
 
+@pytest.mark.parametrize(
+    "depth_multiplier, blocks_per_stage",
+    [(0.25, (1, 1, 1, 1, 1, 1, 1)), (0.5, (1, 1, 2, 2, 2, 2, 1)), (2.0, (2, 4, 6, 8, 6, 6, 2))],
+)
+def test_depth_multiplier_scales_blocks_per_stage(depth_multiplier, blocks_per_stage):
+  model = models.MobileNetV2(num_classes=10, depth_multiplier=depth_multiplier)
+  params = abstract_variables(model, (32, 32, 3))["params"]
+  # Each stage's first block changes the width: its projection's channels
+  # tell which stage a block belongs to.
+  widths = [
+      params[f"block{i}"]["project"]["kernel"].shape[-1] for i in range(sum(blocks_per_stage))
+  ]
+  assert f"block{sum(blocks_per_stage)}" not in params
+  stage_widths = [16, 24, 32, 64, 96, 160, 320]
+  assert widths == [w for w, n in zip(stage_widths, blocks_per_stage) for _ in range(n)]
+  # The strides stay the paper's: the feature maps' strides do not change.
+  assert [e["stride"] for e in model.feature_info()] == [2, 4, 8, 16, 32]
+
+
 def test_expansion_changes_the_graph():
   params = abstract_variables(models.MobileNetV2(num_classes=10, expansion=4), (32, 32, 3))[
       "params"
@@ -211,7 +230,10 @@ def test_bottleneck_relu6_clips_the_projection():
 
 @pytest.fixture(scope="module")
 def small_model():
-  model = models.MobileNetV2(num_classes=5, width_multiplier=0.35, stem_stride=1)
+  # 11 blocks (residual ones among them) instead of 17: these run op by op.
+  model = models.MobileNetV2(
+      num_classes=5, width_multiplier=0.35, depth_multiplier=0.5, stem_stride=1
+  )
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
   return model, model.init(jax.random.PRNGKey(1), x, train=False), x
 

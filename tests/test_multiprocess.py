@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import (
+    LAYOUT_CONFIG,
     REPO,
     SMOKE_CONFIG,
     checkpoint_steps,
@@ -38,7 +39,7 @@ from conftest import (
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess"), pytest.mark.timeout(900)]
 
 TIMEOUT_S = 600
-# configs/smoke.py (8 steps) in float64, as the references. Step 4 is
+# configs/smoke.py (8 steps) in float64 with LAYOUT_CONFIG, as the references. Step 4 is
 # compared, its update being the change from step 2 (rounding differences grow
 # with every step, ~4x each here: compared at step 8 they reach 1e-6 of an
 # update).
@@ -47,6 +48,7 @@ TRAIN_FLAGS = [
     "--config.model.dtype=float64",
     "--config.checkpoint_every_steps=2",
     "--config.keep_checkpoints=4",
+    *(f"--config.{key}={value}" for key, value in LAYOUT_CONFIG.items()),
 ]
 TOLERANCE = 1e-9  # As test_device_layouts.py's float64 comparison.
 

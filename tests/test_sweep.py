@@ -14,7 +14,7 @@ import pytest
 
 from launch import report, sweep, sweep_lib
 
-from conftest import CACHE_DIR, REPO, processes_mentioning, started
+from conftest import CACHE_DIR, REPO, SHALLOW_FLAG, processes_mentioning, started
 
 # Two points: one trains; one fails at run time (no checkpoint to start from),
 # after passing the checks made before anything runs.
@@ -26,7 +26,12 @@ def get_sweep():
   return [{"model.bottleneck": "linear"}, {"checkpoint_path": "no_such_checkpoint"}]
 '''
 GOOD, BAD = "bottleneck=linear", "checkpoint_path=no_such_checkpoint"
-RUN_FLAGS = ["--", "--config.num_train_steps=2", f"--config.compilation_cache_dir={CACHE_DIR}"]
+RUN_FLAGS = [
+    "--",
+    SHALLOW_FLAG,
+    "--config.num_train_steps=2",
+    f"--config.compilation_cache_dir={CACHE_DIR}",
+]
 ENV = dict(
     os.environ,
     XLA_FLAGS="--xla_force_host_platform_device_count=1",
@@ -69,7 +74,7 @@ def test_killed_sweep_resumes_on_slurm_and_reports_failures(tmp_path):
   sweep_file, workdir = tmp_path / "sweep.py", tmp_path / "sweep"
   sweep_file.write_text(SWEEP)
   # configs/smoke.py as it is: 8 steps.
-  args = [f"--sweep={sweep_file}", f"--workdir={workdir}", "--", RUN_FLAGS[-1]]
+  args = [f"--sweep={sweep_file}", f"--workdir={workdir}", "--", SHALLOW_FLAG, RUN_FLAGS[-1]]
   good, bad = workdir / GOOD / "seed=0", workdir / BAD / "seed=0"
   with started(
       launcher(*args),

@@ -14,7 +14,7 @@ import pytest
 from mnv2_flax import checkpoint, train
 
 import digits_model
-from conftest import REPO, SMOKE_CONFIG, checkpoint_steps, run_main, tiny_config
+from conftest import REPO, SHALLOW, SMOKE_CONFIG, checkpoint_steps, run_main, tiny_config
 
 # One worker with test_export.py and test_predict.py: the digits model is
 # trained once for all three.
@@ -84,7 +84,7 @@ def test_eval_mode_subprocess_on_four_devices(trained, tmp_path):
 
 
 def test_rerunning_the_command_resumes(tmp_path):
-  config = tiny_config(num_train_steps=4, checkpoint_every_steps=4)
+  config = tiny_config(num_train_steps=4, checkpoint_every_steps=4, **SHALLOW)
   first = train.train_and_evaluate(config, str(tmp_path))
   assert first["step"] == 4
   config.num_train_steps = 8
