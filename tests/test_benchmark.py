@@ -62,6 +62,8 @@ def test_jax_benchmark_writes_positive_finite_numbers(tiny_results):
   assert results["config"]["image_size"] == 32
   assert results["device"] and results["date"]
   assert "| jax |" in printed
+  if "keras" not in results:  # No framework compared: no ratios.
+    assert results["ratios"] == {}
 
 
 def test_imports_without_tensorflow():
