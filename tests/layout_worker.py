@@ -7,8 +7,10 @@ their own updates (conftest.worst_ratio).
 Run by tests/test_device_layouts.py in a subprocess with 4 CPU devices (and,
 for float64, jax_enable_x64, which is process-wide). Every run goes through
 the trainer's own `train.setup`, `Setup.shard` and compiled step, on a mesh
-of 1 or of 4 of the process's devices; the seed is an argument of the
-compiled functions, so one compilation serves every seed.
+of 1 or of 4 of the process's devices, from the 1-device run's initial state
+(initialised once per seed; each initialisation compiled for another mesh
+would cost as much as a step); the seed is an argument of the compiled
+functions, so one compilation serves every seed.
 
 Runs per seed: "1 device" (the reference), "4 devices", the two faults of
 config.testing.fault on 4 devices (which the comparison must catch), and
@@ -57,11 +59,13 @@ def updates(reference: dict, initial: dict) -> dict[str, float]:
 
 
 class Run:
-  """One training run of a set-up (sharing its compiled steps with others)."""
+  """One training run of a set-up (sharing its compiled steps with others),
+  from INITIAL (a state of another layout, placed on this one's devices, with
+  this one's model: the statistics of batch_stats_per_device are its own)."""
 
-  def __init__(self, s: train.Setup):
+  def __init__(self, s: train.Setup, initial: train.TrainState):
     self.setup = s
-    self.state = s.init_state()
+    self.state = jax.device_put(initial.replace(apply_fn=s.model.apply), s.replicated)
     self.batches = s.dataset.train_batches(0)
 
   def train(self, steps: int) -> dict[str, np.ndarray]:
@@ -93,22 +97,26 @@ class Layouts:
     """The worst ratio of each run; with SAVE_DIR, the 4-device run's weights
     after steps // 2 and after `steps` steps, and the dropped-shard run's."""
     one, four = self.setup("one", seed, 1), self.setup("four", seed, 4)
-    reference = Run(one)
+    # One initialisation for every run: the 2 x 2 run of test_multiprocess.py
+    # initialises on its 4 devices itself, against these references.
+    # A host copy: the (donating) steps reuse their input's buffers.
+    start = jax.tree.map(np.array, jax.device_get(one.init_state()))
+    reference = Run(one, start)
     initial = variables(reference.state)
     expected = reference.train(steps)
     update = updates(expected, initial)
-    four_devices = Run(four)
+    four_devices = Run(four, start)
     halfway = four_devices.train(steps // 2)
     trained = four_devices.train(steps - steps // 2)
     results = {"4 devices": worst_ratio(trained, expected, update)}
     # The shard is dropped on the host: the same compiled step.
-    dropped = Run(four.replace(fault="drop_shard")).train(steps)
+    dropped = Run(four.replace(fault="drop_shard"), start).train(steps)
     results["4 devices, drop_shard"] = worst_ratio(dropped, expected, update)
     if save_dir:
       for name, arrays in (("halfway", halfway), ("trained", trained), ("dropped", dropped)):
         np.savez(os.path.join(save_dir, f"four_devices_{name}.npz"), **arrays)
     # A model of its own.
-    per_device = Run(self.setup("per_device", seed, 4, "batch_stats_per_device"))
+    per_device = Run(self.setup("per_device", seed, 4, "batch_stats_per_device"), start)
     results["4 devices, batch_stats_per_device"] = worst_ratio(
         per_device.train(steps), expected, update
     )
@@ -120,7 +128,7 @@ class Layouts:
       ckpt = checkpoint.Checkpointer(directory, keep=1)
       ckpt.save(steps, reference.state)
       ckpt.wait()
-      restored = Run(four)
+      restored = Run(four, start)
       restored.state, _ = ckpt.restore(train.abstract_state(four))
       ckpt.close()
     restored.batches = four.dataset.train_batches(steps)

@@ -11,7 +11,7 @@ from absl import flags
 from mnv2_flax import checkpoint, config_lib, errors, train
 from mnv2_flax import main as cli
 
-from conftest import CACHE_DIR, run_main, tiny_config
+from conftest import CACHE_DIR, random_key, run_main, tiny_config
 
 # One worker: the tests share the compiled wide_setup.
 pytestmark = pytest.mark.xdist_group("cli")
@@ -44,11 +44,17 @@ def wide_setup():
 
 
 @pytest.fixture(scope="module")
-def other_model_checkpoint(tmp_path_factory, wide_setup):
+def wide_state(wide_setup):
+  """Its state, with random weights drawn by the cheaper generator."""
+  return wide_setup.init(random_key(0))
+
+
+@pytest.fixture(scope="module")
+def other_model_checkpoint(tmp_path_factory, wide_state):
   """A checkpoint of a width-0.5 model, to be restored into a width-0.35 one."""
   directory = tmp_path_factory.mktemp("wide") / "checkpoints"
   ckpt = checkpoint.Checkpointer(str(directory), keep=1)
-  ckpt.save(1, wide_setup.init_state())
+  ckpt.save(1, wide_state)
   ckpt.wait()
   return str(directory)
 
@@ -232,10 +238,9 @@ def test_summary_reports_paper_size(capsys):
   assert info["macs"] == 300_774_272
 
 
-def test_nan_eval_loss_raises(wide_setup):
+def test_nan_eval_loss_raises(wide_setup, wide_state):
   # Training, its periodic evals and --mode=eval all evaluate through this;
   # main maps NonFiniteError to exit status 1.
-  state = wide_setup.init_state()
-  state = state.replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
+  state = wide_state.replace(params=jax.tree.map(lambda p: p * np.nan, wide_state.params))
   with pytest.raises(errors.NonFiniteError, match="non-finite eval loss .* at step 0"):
     train.evaluate_dataset(wide_setup, state)
