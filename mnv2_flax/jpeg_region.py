@@ -63,7 +63,6 @@ def _load() -> ctypes.CDLL | None:
 
 
 _LIB = _load()
-AVAILABLE = _LIB is not None
 
 
 class _Decompressor:
@@ -89,6 +88,8 @@ def decode_rgb(data: bytes, window: tuple[int, int, int, int]) -> np.ndarray | N
   then decodes the whole image by its own rule)."""
   if _LIB is None:
     return None
+  if not isinstance(data, bytes):  # ctypes passes bytes without a copy, and only bytes.
+    data = bytes(data)
   decompressor = getattr(_local, "decompressor", None)
   if decompressor is None:
     decompressor = _local.decompressor = _Decompressor()
