@@ -99,6 +99,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     fail(str(e).splitlines()[0])
+  except OSError as e:  # A missing --config file, read here when a --config.KEY follows it.
+    fail(" ".join(str(e).split()))
 
 
 def _parse_flags_quietly(argv: list[str]) -> list[str]:

@@ -49,19 +49,25 @@ def write_imagenet_tars(manual_dir: str, synsets: list[str], rng: np.random.Gene
       add(val, f"ILSVRC2012_val_{i:08d}.JPEG", random_jpeg(rng, 30, 40))
 
 
-def run_without_tensorflow(script: str, tmp_path, timeout: int = 300) -> str:
-  """Runs `script` in a Python process where `import tensorflow` fails (and
-  so in the worker processes it starts); asserts it ends without TensorFlow
-  loaded; returns its stdout."""
-  blocked = tmp_path / "no_tensorflow"
-  (blocked / "tensorflow").mkdir(parents=True)
+def tensorflow_blocker(directory) -> str:
+  """A directory that, first on PYTHONPATH, makes `import tensorflow` fail
+  (in the process and in the worker processes it starts)."""
+  blocked = directory / "no_tensorflow"
+  (blocked / "tensorflow").mkdir(parents=True, exist_ok=True)
   (blocked / "tensorflow" / "__init__.py").write_text(
       "raise ImportError('tensorflow is blocked in this process')\n"
   )
+  return str(blocked)
+
+
+def run_without_tensorflow(script: str, tmp_path, timeout: int = 300) -> str:
+  """Runs `script` in a Python process where `import tensorflow` fails;
+  asserts it ends without TensorFlow loaded; returns its stdout."""
+  blocked = tensorflow_blocker(tmp_path)
   check = "\nassert not [m for m in sys.modules if m.split('.')[0] == 'tensorflow']\n"
   env = dict(
       os.environ,
-      PYTHONPATH=os.pathsep.join([str(blocked), str(REPO), str(REPO / "tests")]),
+      PYTHONPATH=os.pathsep.join([blocked, str(REPO), str(REPO / "tests")]),
       JAX_PLATFORMS="cpu",
   )
   proc = subprocess.run(

@@ -1,6 +1,8 @@
 """The benchmark script: tiny in-process runs, its JSON, and its imports."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -39,15 +41,29 @@ def assert_positive_finite(result, keys):
     assert math.isfinite(result[key]) and result[key] > 0, (key, result[key])
 
 
-@pytest.mark.slow  # Compiles a width-0.35 model's train and inference steps.
-def test_jax_benchmark_writes_positive_finite_numbers(tmp_path, capsys):
-  results = run_benchmark(tmp_path, *TINY)
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+  """One in-process run of the tiny benchmark, against Keras where it is
+  installed: one compilation of each framework's model for both tests."""
+  compare = ["--compare=keras"] if importlib.util.find_spec("keras") else []
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    results = run_benchmark(tmp_path_factory.mktemp("benchmark"), *TINY, *compare)
+  return results, printed.getvalue()
+
+
+# Compiles a width-0.35 model's train and inference steps.
+@pytest.mark.slow
+@pytest.mark.xdist_group("benchmark")
+def test_jax_benchmark_writes_positive_finite_numbers(tiny_results):
+  results, printed = tiny_results
   assert_positive_finite(results["jax"], (*MODEL_KEYS, "macs"))
   assert results["jax"]["params"] == 1_677_128  # Width 0.35, 1000 classes.
   assert results["config"]["image_size"] == 32
   assert results["device"] and results["date"]
-  assert results["ratios"] == {}
-  assert "| jax |" in capsys.readouterr().out
+  assert "| jax |" in printed
+  if "keras" not in results:  # No framework compared: no ratios.
+    assert results["ratios"] == {}
 
 
 def test_imports_without_tensorflow():
@@ -93,13 +109,16 @@ def test_markdown_tables_show_ratios_and_skipped_frameworks():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("benchmark")
 @pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="keras is not installed")
-def test_keras_comparison(tmp_path):
-  results = run_benchmark(tmp_path, *TINY, "--compare=keras")
+def test_keras_comparison(tiny_results):
+  results, printed = tiny_results
   assert_positive_finite(results["keras"], MODEL_KEYS)
   # The same architecture: Keras' trainable parameters equal ours.
   assert results["keras"]["params"] == results["jax"]["params"]
+  assert set(results["ratios"]) == {"jax/keras train img/s", "keras/jax latency b1"}
   assert_positive_finite(results["ratios"], results["ratios"])
+  assert "| keras |" in printed and "jax/keras train img/s" in printed
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from absl import flags
 from mnv2_flax import checkpoint, config_lib, errors, train
 from mnv2_flax import main as cli
 
-from conftest import run_main, tiny_config
+from conftest import CACHE_DIR, run_main, tiny_config
 
 # One worker: the tests share the compiled wide_setup.
 pytestmark = pytest.mark.xdist_group("cli")
@@ -25,6 +25,9 @@ def run_in_process(argv, capsys):
     # The default config file is loaded, and its --config.KEY override flags
     # defined, when main is imported; only a parsed --config does it again.
     argv = [f"--config={config_lib.__file__}", *argv]
+  # The tests' compilation cache: main points JAX's at the config's, for the
+  # rest of this process (the default is the user's ~/.cache).
+  argv = [*argv, f"--config.compilation_cache_dir={CACHE_DIR}"]
   for name in [n for n in flags.FLAGS if n.startswith("config.")]:
     delattr(flags.FLAGS, name)  # Or the next parse would define it twice.
   flags.FLAGS.unparse_flags()
@@ -150,6 +153,7 @@ BAD_INPUTS = [
     ("bad best metric", ["--config.best_metric=f1"], "best_metric"),
     ("batch > dataset", ["--config.global_batch_size=4096"], "global_batch_size"),
     ("missing config file", ["--config=configs/nope.py"], "nope.py"),
+    ("missing config file and a key", ["--config=configs/nope.py", "--config.seed=1"], "nope.py"),
     ("bad mode", ["--mode=predict"], "mode"),
     ("stray argument", ["train"], "unexpected arguments"),
     (

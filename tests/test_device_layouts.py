@@ -9,15 +9,17 @@ all params and batch statistics).
 * float64 (XLA's convolutions), 4 steps, seeds 0-2: the equivalence claim
   itself (the run is shared with test_multiprocess.py: conftest.float64_layouts).
   Rounding moves results by ~1e-16 relative, which the model's sensitivity
-  amplifies to at most 2.9e-13 of an update (measured 2026-12-02 on an AMD
-  EPYC and on a Xeon, both with AVX-512; 2 processes x 2 devices: 2.3e-13); a
-  wrong shard or per-device statistics move them by 2 and more.
-  The tolerance, 1e-9, sits orders of magnitude from both.
+  amplifies to at most 1.0e-11 of an update on 4 devices and 1.7e-13 after a
+  restore onto 4 (the 7-block test model at 2 images per device, measured
+  2026-12-02 and 2026-12-03 on two AMD EPYC machines with AVX-512, the same
+  figures on both); a wrong shard or per-device statistics move them by 2 and
+  more. The tolerance, 1e-9, sits orders of magnitude from both.
 * float32 with the CPU kernels ("taps"), 2 steps (step 1's learning rate is 0
   in the warmup, so step 2's update is the gradient at the initial weights),
-  seeds 0-2: measured at most 4.2e-4 on that Xeon and 1.4 % on an AVX2-only
-  EPYC (the same model amplifies float32 rounding ~1e9-fold more); the
-  tolerance, 0.15, leaves 10x over the latter, and the faults give 2 and more.
+  seeds 0-2: measured at most 4.1e-4 here (2026-12-03, AMD EPYC with AVX-512),
+  and 1.4 % on an AVX2-only EPYC for the 17-block model at 8 images per device
+  (the same model amplifies float32 rounding ~1e9-fold more); the tolerance,
+  0.15, leaves 10x over the latter, and the faults give 2 and more.
 
 Each comparison runs beside its negative controls (config.testing.fault):
 BatchNorm statistics per device, and one device's shard arriving as zeros.

@@ -126,6 +126,23 @@ def test_preemption_and_sigkill_then_rerun_end_bitwise_identical(finished, tmp_p
   jax.tree.map(np.testing.assert_array_equal, a[:2], b[:2])
 
 
+def test_rerunning_a_finished_run_only_evaluates_it(finished, tmp_path):
+  """The final and best checkpoints of its last step exist: nothing is
+  trained, nothing re-saved; the metrics are those of the run."""
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  # The step directories' files (settings.json is rewritten at every start).
+  saved = {p: p.stat().st_mtime_ns for d in workdir.glob("checkpoints*/*/") for p in d.rglob("*")}
+  results = train.train_and_evaluate(tiny_config(**SHALLOW), str(workdir))
+  with open(finished / "results.json") as f:
+    first = json.load(f)
+  assert {k: results[k] for k in ("step", "top1", "loss")} == {
+      k: first[k] for k in ("step", "top1", "loss")
+  }
+  assert checkpoint_steps(workdir / "checkpoints") == [4, 8]
+  assert {p: p.stat().st_mtime_ns for p in saved} == saved
+
+
 def truncate_largest_file(step_dir: pathlib.Path) -> None:
   largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
   largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])

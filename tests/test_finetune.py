@@ -12,7 +12,7 @@ from PIL import Image
 from mnv2_flax import checkpoint, config_lib, models, train
 from mnv2_flax.errors import ConfigError
 
-from conftest import tiny_config
+from conftest import SHALLOW, tiny_config
 
 # One worker: the tests share the image folder and pretrained fixtures.
 pytestmark = pytest.mark.xdist_group("finetune")
@@ -39,9 +39,10 @@ def image_root(tmp_path_factory) -> str:
 def pretrained(tmp_path_factory) -> str:
   """A weights-only checkpoint of a 10-class RGB model with non-trivial
   BatchNorm statistics, as `mnv2_flax.convert` writes."""
-  config = tiny_config(**{"dataset.name": "synthetic"})
+  config = tiny_config(**{"dataset.name": "synthetic", **SHALLOW})
   model = models.create_model(config.model, 10)
-  variables = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)), train=False)
+  # Jitted: op by op, every operation of the model would compile on its own.
+  variables = jax.jit(lambda: model.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3))))()
   rng = np.random.default_rng(1)
   variables = {
       "params": variables["params"],

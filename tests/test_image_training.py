@@ -28,7 +28,7 @@ import pytest
 from mnv2_flax import checkpoint, datasets, train
 
 from conftest import CACHE_DIR, REPO, SHALLOW, SHALLOW_FLAG, SMOKE_CONFIG, tiny_config
-from image_files import encode, run_without_tensorflow
+from image_files import encode, run_without_tensorflow, tensorflow_blocker
 
 # One worker: the tests share the runs of the module fixture.
 pytestmark = [
@@ -93,8 +93,17 @@ def train_only(tmp_path_factory):
   return root, seed, step, steps, late_step(root, seed, steps)[1]
 
 
-def start_main(args) -> subprocess.Popen:
-  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+def start_main(args, *, without_tensorflow_in=None) -> subprocess.Popen:
+  """`python -m mnv2_flax.main` on the smoke config with ARGS; where
+  `import tensorflow` fails, with a directory for the blocker."""
+  path = [str(REPO)]
+  if without_tensorflow_in is not None:
+    path.insert(0, tensorflow_blocker(without_tensorflow_in))
+  env = dict(
+      os.environ,
+      PYTHONPATH=os.pathsep.join(path),
+      XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  )
   return subprocess.Popen(
       [sys.executable, "-m", "mnv2_flax.main", f"--config={SMOKE_CONFIG}", *args],
       cwd=REPO,
@@ -114,7 +123,8 @@ def finish(proc: subprocess.Popen) -> str:
 @pytest.fixture(scope="module")
 def runs(train_only, tmp_path_factory):
   """The reference run (in-process decoding) and a run SIGKILLed at a known
-  step with 2 workers, then resumed with 4: their workdirs and logs."""
+  step with 2 workers, then resumed with 1 without TensorFlow: their workdirs
+  and logs."""
   root, seed, late, steps, _ = train_only
   base = tmp_path_factory.mktemp("runs")
   args = [
@@ -153,7 +163,14 @@ def runs(train_only, tmp_path_factory):
     proc.communicate()
     os.remove(late_image)
     shutil.move(kept, late_image)
-  resumed_log = finish(start_main([*args, "--config.dataset.workers=4", f"--workdir={killed}"]))
+  # Resumed where TensorFlow cannot be imported: the folder's data path (a
+  # worker process), the loop, its TensorBoard events and checkpoints.
+  resumed_log = finish(
+      start_main(
+          [*args, "--config.dataset.workers=1", f"--workdir={killed}"],
+          without_tensorflow_in=base,
+      )
+  )
   return base / "reference", reference_log, killed, resumed_log
 
 
@@ -205,22 +222,18 @@ def test_eval_only_folder(runs, tmp_path):
 
 
 def test_training_and_predict_without_tensorflow(train_only, runs, tmp_path):
-  """Where importing tensorflow fails: training on a folder (its pipeline with
-  a worker process, the loop, its TensorBoard events, the checkpoint), and
-  `predict` on a checkpoint."""
+  """Where importing tensorflow fails: training on a folder (the resumed run
+  of `runs`: its pipeline with a worker process, the loop, its TensorBoard
+  events, the checkpoint), and `predict` on a checkpoint."""
   root = train_only[0]
+  killed = runs[2]
+  # One events file of the killed run, one of the resumed run.
+  assert len(list(killed.glob("events.out.tfevents.*"))) == 2
   image = next((root / "train" / "a").iterdir())
   script = f"""
-from mnv2_flax import predict, train
-from conftest import tiny_config
-config = tiny_config(**{{"dataset.name": "imagefolder", "dataset.root": {str(root)!r},
-    "dataset.workers": 1, "global_batch_size": 4, "eval_batch_size": 4,
-    "num_train_steps": 2, "log_every_steps": 1, "eval_every_steps": -1,
-    "model.depth_multiplier": {SHALLOW["model.depth_multiplier"]}}})
-print(train.train_and_evaluate(config, {str(tmp_path / "run")!r})["step"])
-predictor = predict.Predictor.from_checkpoint({str(runs[0] / "checkpoints")!r})
+from mnv2_flax import predict
+predictor = predict.Predictor.from_checkpoint({str(killed / "checkpoints")!r})
 probabilities, errors = predictor.predict_files([{str(image)!r}])
 print(len(probabilities), errors)
 """
-  assert run_without_tensorflow(script, tmp_path).splitlines() == ["2", "1 {}"]
-  assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+  assert run_without_tensorflow(script, tmp_path).splitlines() == ["1 {}"]

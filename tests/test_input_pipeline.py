@@ -288,6 +288,16 @@ def mock_in_memory(tmp_path, name: str, num_examples: int) -> Iterator[None]:
     yield
 
 
+def test_digits_are_scikit_learns():
+  # Read from scikit-learn's file without importing it: the same arrays.
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+
+  images, labels = data.sklearn_digits()
+  digits = sk_datasets.load_digits()
+  np.testing.assert_array_equal(images, digits.images)
+  np.testing.assert_array_equal(labels, digits.target)
+
+
 def test_cifar10(tmp_path):
   with mock_in_memory(tmp_path, "cifar10", 24):
     dataset = create(make_config(dataset__name="cifar10"))

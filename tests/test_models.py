@@ -230,41 +230,44 @@ def test_bottleneck_relu6_clips_the_projection():
 
 @pytest.fixture(scope="module")
 def small_model():
-  # 11 blocks (residual ones among them) instead of 17: these run op by op.
+  # 11 blocks (residual ones among them) instead of 17. Jitted: op by op, each
+  # of the model's hundreds of operations would compile on its own (4x the time).
   model = models.MobileNetV2(
       num_classes=5, width_multiplier=0.35, depth_multiplier=0.5, stem_stride=1
   )
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
-  return model, model.init(jax.random.PRNGKey(1), x, train=False), x
+  return model, jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(1), x), x
 
 
-@pytest.mark.slow  # The whole model op by op, and its initialisation.
+@pytest.mark.slow  # Compiles the model in train and in eval mode.
 def test_train_mode_updates_batch_stats_and_uses_dropout(small_model):
   model, variables, x = small_model
-  logits, updates = model.apply(
-      variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(2)}
+  train_apply = jax.jit(
+      lambda rng: model.apply(
+          variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": rng}
+      )
   )
+  logits, updates = train_apply(jax.random.PRNGKey(2))
   assert logits.shape == (4, 5)
   old = variables["batch_stats"]["stem_bn"]["mean"]
   assert not np.allclose(updates["batch_stats"]["stem_bn"]["mean"], old)
-  other, _ = model.apply(
-      variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(3)}
-  )
+  other, _ = train_apply(jax.random.PRNGKey(3))
   assert not np.allclose(logits, other)  # Dropout depends on the rng.
-  eval_a = model.apply(variables, x, train=False)
-  eval_b = model.apply(variables, x, train=False)
-  np.testing.assert_array_equal(eval_a, eval_b)
+  eval_apply = jax.jit(lambda: model.apply(variables, x, train=False))
+  np.testing.assert_array_equal(eval_apply(), eval_apply())
 
 
 @pytest.mark.slow  # As above, in bfloat16 too.
 def test_bfloat16_compute_keeps_float32_params(small_model):
   model, variables, x = small_model
   bf16 = model.clone(dtype=jnp.bfloat16)
-  params = bf16.init(jax.random.PRNGKey(1), x, train=False)["params"]
-  assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("float32")}
-  logits = bf16.apply(variables, x, train=False)
+  params = jax.eval_shape(functools.partial(bf16.init, train=False), jax.random.PRNGKey(1), x)
+  assert {leaf.dtype for leaf in jax.tree.leaves(params["params"])} == {jnp.dtype("float32")}
+  logits, reference = jax.jit(
+      lambda: (bf16.apply(variables, x, train=False), model.apply(variables, x, train=False))
+  )()
   assert logits.dtype == jnp.float32
-  np.testing.assert_allclose(logits, model.apply(variables, x, train=False), atol=0.1, rtol=0.1)
+  np.testing.assert_allclose(logits, reference, atol=0.1, rtol=0.1)
 
 
 @pytest.mark.slow  # Two compilations of the model's gradient.

@@ -14,7 +14,7 @@ import pytest
 from mnv2_flax import checkpoint, train
 
 import digits_model
-from conftest import REPO, SHALLOW, SMOKE_CONFIG, checkpoint_steps, run_main, tiny_config
+from conftest import REPO, SMOKE_CONFIG, checkpoint_steps, run_main, tiny_config
 
 # One worker with test_export.py and test_predict.py: the digits model is
 # trained once for all three.
@@ -81,23 +81,6 @@ def test_eval_mode_subprocess_on_four_devices(trained, tmp_path):
   assert abs(evaluated["top1"] - results["top1"]) <= 1 / 360 + 1e-9
   assert evaluated["loss"] == pytest.approx(results["loss"], rel=1e-5)
   assert json.loads((tmp_path / "results.json").read_text())["step"] == digits_model.STEPS
-
-
-def test_rerunning_the_command_resumes(tmp_path):
-  config = tiny_config(num_train_steps=4, checkpoint_every_steps=4, **SHALLOW)
-  first = train.train_and_evaluate(config, str(tmp_path))
-  assert first["step"] == 4
-  config.num_train_steps = 8
-  second = train.train_and_evaluate(config, str(tmp_path))
-  assert second["step"] == 8
-  assert checkpoint_steps(tmp_path / "checkpoints") == [4, 8]
-  # Once more: the run is finished, so it is only evaluated again (the final
-  # and best checkpoints of step 8 already exist and must not be re-saved).
-  third = train.train_and_evaluate(config, str(tmp_path))
-  assert {k: third[k] for k in ("step", "top1", "loss")} == {
-      k: second[k] for k in ("step", "top1", "loss")
-  }
-  assert checkpoint_steps(tmp_path / "checkpoints") == [4, 8]
 
 
 def test_saving_the_same_best_step_again_is_a_no_op(tmp_path):
