@@ -272,7 +272,7 @@ class _BlockRing:
 
   Grain hands each batch over through a fresh block instead (created,
   faulted in page by page, unlinked on both sides): with 2 workers on 2
-  cores that cost ~10 % of the images/s (docs/benchmarks.md). The training
+  cores the ring streams 17 % more images/s (docs/benchmarks.md). The training
   process creates the blocks before its workers start, so Python's resource
   tracker unlinks them should it be killed; the stream unlinks them when it
   is closed."""
