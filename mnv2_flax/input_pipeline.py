@@ -8,8 +8,9 @@ exactly once across processes.
   sorted file list of a folder split, `folders.Split`; ImageNet's TFDS
   ArrayRecord files through `tfds.data_source`), decoded by `images` (no
   TensorFlow) in `dataset.workers` Grain worker processes; a training
-  stream's element is a whole local batch. Batches carry the uint8 pixels;
-  the train and eval steps normalise them on the device.
+  stream's element is a whole local batch, its images written into shared
+  memory reused batch after batch (`_BlockRing`). Batches carry the uint8
+  pixels; the train and eval steps normalise them on the device.
 
   Order: epoch e reads the training split in a permutation drawn from
   (seed, e); global batch k takes positions [k B, (k + 1) B) of its epoch and
@@ -332,11 +333,8 @@ class _TrainBatches:
     local = self.local_batch_size
     epoch, index = divmod(step, len(self.source) // self.global_batch_size)
     first = index * self.global_batch_size + self.process_index * local
-    block = None if self.blocks is None else self.blocks.claim()
-    if block is None:
-      image = np.empty((local, *self.preprocessing.shape), np.uint8)
-    else:
-      block, image = block
+    claimed = None if self.blocks is None else self.blocks.claim()
+    block, image = claimed or (None, np.empty((local, *self.preprocessing.shape), np.uint8))
     batch = {
         "label": np.empty(local, np.int32),
         "mask": np.ones(local, np.float32),
