@@ -6,9 +6,11 @@ exactly once across processes.
 
 * imagefolder, imagenet2012: a random-access source of encoded images (the
   sorted file list of a folder split, `folders.Split`; ImageNet's TFDS
-  ArrayRecord files through `tfds.data_source`), decoded by `images` (Pillow,
-  no TensorFlow) in `dataset.workers` Grain worker processes. Batches carry
-  the uint8 pixels; the train and eval steps normalise them on the device.
+  ArrayRecord files through `tfds.data_source`), decoded by `images` (no
+  TensorFlow) in `dataset.workers` Grain worker processes; a training
+  stream's element is a whole local batch, its images written into shared
+  memory reused batch after batch (`_BlockRing`). Batches carry the uint8
+  pixels; the train and eval steps normalise them on the device.
 
   Order: epoch e reads the training split in a permutation drawn from
   (seed, e); global batch k takes positions [k B, (k + 1) B) of its epoch and
@@ -40,9 +42,12 @@ import contextlib
 import dataclasses
 import math
 import os
+import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
+from multiprocessing import shared_memory
 from typing import Any, Protocol
 
 import grain
@@ -65,6 +70,18 @@ _SUBSTITUTE_ATTEMPTS = 64
 # Examples read before "more than half are unreadable" stops a run (a smaller
 # split stops once all of it has been read).
 _MAJORITY_SAMPLE = 64
+# Shared-memory blocks per worker process that its training batches' images
+# are written into and reused (`_BlockRing`): up to 8 are in flight when the
+# buffers are full (the batch being written, 2 in the worker's queue, one
+# moving and 2 buffered in this process, the batch the training loop holds
+# and its predecessor, alive until the next arrives), and spares for steps
+# still running on them. A worker with none free hands its batch over through
+# a fresh block (Grain's own path). Blocks are taken lowest first: the
+# memory of those never needed is never touched.
+_BLOCKS_PER_WORKER = 10
+# Smaller arrays go to the training process pickled rather than through a
+# fresh shared-memory block each (labels, masks: ~100 bytes).
+_MIN_SHARED_BYTES = 64 * 1024
 
 
 def create_dataset(
@@ -163,13 +180,20 @@ class Preprocessing:
     d = config.dataset
     return cls(d.image_size, d.crop_area_min, d.eval_crop_fraction, d.get("eval_resize", "crop"))
 
-  def train(self, encoded: bytes, rng: np.random.Generator) -> np.ndarray:
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return (self.image_size, self.image_size, self.channels)
+
+  def train(
+      self, encoded: bytes, rng: np.random.Generator, out: np.ndarray | None = None
+  ) -> np.ndarray:
     return images.train_image(
         encoded,
         rng,
         image_size=self.image_size,
         area_min=self.crop_area_min,
         channels=self.channels,
+        out=out,
     )
 
   def eval(self, encoded: bytes) -> np.ndarray:
@@ -182,7 +206,7 @@ class Preprocessing:
     )
 
   def blank(self) -> np.ndarray:
-    return np.zeros((self.image_size, self.image_size, self.channels), np.uint8)
+    return np.zeros(self.shape, np.uint8)
 
 
 _UNREADABLE = (images.DecodeError, OSError)
@@ -200,10 +224,95 @@ def _example(image: np.ndarray, label: int, unreadable: int, mask: float = 1.0) 
   }
 
 
+# This worker process's index among its stream's workers (`_init_worker`):
+# which blocks of a `_BlockRing` are its own.
+_worker_index = 0
+
+
 @dataclasses.dataclass
-class _TrainExamples:
-  """Element i of this process's training stream: row i % L of the step
-  i // L, with L the local batch (a picklable function for Grain's workers)."""
+class _Blocks:
+  """A `_BlockRing` as worker processes see it (names only, picklable).
+
+  Block b belongs to worker b // per_worker, which alone marks it busy
+  (flag 1) when it writes a batch into it; only the training process marks
+  it free (flag 0) again: no lock needed."""
+
+  names: tuple[str, ...]
+  flags_name: str
+  shape: tuple[int, ...]  # A batch's images, uint8.
+  per_worker: int
+  _mine: list[shared_memory.SharedMemory] = dataclasses.field(default_factory=list, init=False)
+  _flags: shared_memory.SharedMemory | None = dataclasses.field(default=None, init=False)
+
+  def claim(self) -> tuple[int, np.ndarray] | None:
+    """(block, its images array) of a free block of this worker, now marked
+    busy; None when all are busy (the training loop holds them)."""
+    first = _worker_index * self.per_worker
+    if self._flags is None:
+      # Spawned workers report to the training process's resource tracker:
+      # attaching registers these names again (a no-op), and it unlinks them
+      # only if that process dies without unlinking them.
+      self._flags = shared_memory.SharedMemory(self.flags_name)
+      self._mine = [
+          shared_memory.SharedMemory(name) for name in self.names[first : first + self.per_worker]
+      ]
+    # Arrays over the buffers are made per call and not kept: a kept export
+    # would make closing the mapping at the worker's exit fail.
+    flags = np.frombuffer(self._flags.buf, np.uint8)[first : first + self.per_worker]
+    free = np.flatnonzero(flags == 0)
+    if not free.size:
+      return None
+    slot = int(free[0])
+    flags[slot] = 1
+    return first + slot, np.ndarray(self.shape, np.uint8, buffer=self._mine[slot].buf)
+
+
+class _BlockRing:
+  """Shared memory that worker processes write training batches' images
+  into and the training process reads them from, reused batch after batch.
+
+  Grain hands each batch over through a fresh block instead (created,
+  faulted in page by page, unlinked on both sides): with 2 workers on 2
+  cores the ring streams 17 % more images/s (docs/benchmarks.md). The training
+  process creates the blocks before its workers start, so Python's resource
+  tracker unlinks them should it be killed; the stream unlinks them when it
+  is closed."""
+
+  def __init__(self, workers: int, per_worker: int, shape: tuple[int, ...]):
+    prefix = f"mnv2_{os.getpid()}_{secrets.token_hex(4)}"
+    count = workers * per_worker
+    self._memory = [
+        shared_memory.SharedMemory(f"{prefix}_{b}", create=True, size=math.prod(shape))
+        for b in range(count)
+    ]
+    # New shared memory reads as zeros: every block free.
+    self._flags = shared_memory.SharedMemory(f"{prefix}_flags", create=True, size=count)
+    self.blocks = _Blocks(tuple(m.name for m in self._memory), self._flags.name, shape, per_worker)
+
+  def images(self, block: int) -> np.ndarray:
+    """The images a worker wrote into `block`. The block is free again once
+    this array and every view of it are gone (a JAX array on the CPU may
+    alias it rather than copy: it then keeps the array alive)."""
+    images = np.ndarray(self.blocks.shape, np.uint8, buffer=self._memory[block].buf)
+    weakref.finalize(images, self._free, block)
+    return images
+
+  def _free(self, block: int) -> None:
+    self._flags.buf[block] = 0
+
+  def close(self) -> None:
+    """Unlinks the blocks (arrays still held keep their memory mapped)."""
+    for memory in (*self._memory, self._flags):
+      memory.unlink()
+
+
+@dataclasses.dataclass
+class _TrainBatches:
+  """Element k of this process's training stream: its local batch of step k,
+  decoded in one call (a picklable function for Grain's workers). A whole
+  batch per element: each image is written into the batch's array, without
+  Grain's per-example work and stacking (a few percent more images/s,
+  docs/benchmarks.md)."""
 
   source: ImageSource
   preprocessing: Preprocessing
@@ -211,6 +320,7 @@ class _TrainExamples:
   global_batch_size: int
   local_batch_size: int
   process_index: int
+  blocks: _Blocks | None = None  # In worker processes: where images go.
   _orders: dict[int, np.ndarray] = dataclasses.field(default_factory=dict, init=False)
 
   def epoch_order(self, epoch: int) -> np.ndarray:
@@ -219,22 +329,43 @@ class _TrainExamples:
       self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
     return self._orders[epoch]
 
-  def __call__(self, i: int) -> dict[str, Any]:
-    step, row = divmod(i, self.local_batch_size)
+  def __call__(self, step: int) -> dict[str, Any]:
+    local = self.local_batch_size
     epoch, index = divmod(step, len(self.source) // self.global_batch_size)
-    position = index * self.global_batch_size + self.process_index * self.local_batch_size + row
+    first = index * self.global_batch_size + self.process_index * local
+    claimed = None if self.blocks is None else self.blocks.claim()
+    block, image = claimed or (None, np.empty((local, *self.preprocessing.shape), np.uint8))
+    batch = {
+        "label": np.empty(local, np.int32),
+        "mask": np.ones(local, np.float32),
+        "unreadable_index": np.full(local, -1, np.int64),
+    }
+    for row in range(local):
+      label, substituted = self._example(epoch, first + row, image[row])
+      batch["label"][row] = label
+      batch["unreadable_index"][row] = substituted
+    batch["unreadable"] = (batch["unreadable_index"] >= 0).astype(np.float32)
+    if block is None:
+      batch["image"] = image
+    else:
+      batch["block"] = block
+    return batch
+
+  def _example(self, epoch: int, position: int, out: np.ndarray) -> tuple[int, int]:
+    """Writes the example at `position` of `epoch` into `out`; (its label,
+    the index of the record it replaced or -1)."""
     order = self.epoch_order(epoch)
     attempts = min(_SUBSTITUTE_ATTEMPTS, len(order))
     for attempt in range(attempts):
       record = int(order[(position + attempt) % len(order)])
       try:
         encoded, label = self.source.read(record)
-        image = self.preprocessing.train(
-            encoded, np.random.default_rng([self.seed, epoch, position])
+        self.preprocessing.train(
+            encoded, np.random.default_rng([self.seed, epoch, position]), out=out
         )
       except _UNREADABLE:
         continue
-      return _example(image, label, int(order[position]) if attempt else -1)
+      return label, int(order[position]) if attempt else -1
     first = int(order[position])
     example = f"{self.source.name(first)} ({failure_reason(self.source, first)})"
     if attempts == len(order):
@@ -340,10 +471,13 @@ class UnreadableFiles:
       )
 
 
-def _exit_with_parent(worker_index: int, worker_count: int) -> None:
-  """Grain worker init: the worker exits when the training process is gone
-  (SIGKILL gives it no chance to stop its workers)."""
-  del worker_index, worker_count
+def _init_worker(worker_index: int, worker_count: int) -> None:
+  """Grain worker init: notes the worker's index (its `_BlockRing` blocks);
+  the worker exits when the training process is gone (SIGKILL gives it no
+  chance to stop its workers)."""
+  global _worker_index
+  del worker_count
+  _worker_index = worker_index
   parent = os.getppid()
 
   def watch() -> None:
@@ -393,19 +527,34 @@ class ImageDataset:
   def train_batches(self, start_step: int = 0) -> Iterator[data.Batch]:
     if self.train_source is None:
       raise ValueError("this dataset was opened for evaluation only")
-    local = self._local_batch_size
-    examples = _TrainExamples(
-        self.train_source,
-        self._preprocessing,
-        self._seed,
-        self._global_batch_size,
-        local,
-        self._process_index,
-    )
-    stream = grain.MapDataset.range(start_step * local, _ENDLESS).map(examples)
     tracker = UnreadableFiles(self.train_source, training=True)
     self.unreadable["train"] = tracker
-    return self._batches(stream, local, tracker, drop_remainder=True)
+    return self._train_batches(start_step, tracker)
+
+  def _train_batches(self, start_step: int, tracker: UnreadableFiles) -> Iterator[data.Batch]:
+    # Created when iteration starts, unlinked after the workers are stopped.
+    with contextlib.ExitStack() as stack:
+      ring = None
+      if self.workers:
+        shape = (self._local_batch_size, *self._preprocessing.shape)
+        ring = _BlockRing(self.workers, _BLOCKS_PER_WORKER, shape)
+        stack.callback(ring.close)
+      batches = grain.MapDataset.range(start_step, _ENDLESS).map(
+          _TrainBatches(
+              self.train_source,
+              self._preprocessing,
+              self._seed,
+              self._global_batch_size,
+              self._local_batch_size,
+              self._process_index,
+              None if ring is None else ring.blocks,
+          )
+      )
+      stream = stack.enter_context(contextlib.closing(self._batches(batches, tracker)))
+      for batch in stream:
+        if "block" in batch:
+          batch["image"] = ring.images(batch.pop("block"))
+        yield batch
 
   def eval_batches(self) -> Iterator[data.Batch]:
     if self.eval_source is None:
@@ -416,23 +565,18 @@ class ImageDataset:
     local = self._local_eval_batch_size
     # Every process yields as many batches (the eval step is collective).
     length = math.ceil(shard_max / local) * local
-    stream = grain.MapDataset.range(length).map(
-        _EvalExamples(self.eval_source, self._preprocessing, start, stop)
+    batches = (
+        grain.MapDataset.range(length)
+        .map(_EvalExamples(self.eval_source, self._preprocessing, start, stop))
+        .batch(local)
     )
     tracker = UnreadableFiles(self.eval_source, training=False)
     self.unreadable["eval"] = tracker
-    return self._batches(stream, local, tracker, drop_remainder=False)
+    return self._batches(batches, tracker)
 
-  def _batches(
-      self,
-      examples: grain.MapDataset,
-      batch_size: int,
-      tracker: UnreadableFiles,
-      drop_remainder: bool,
-  ) -> Iterator[data.Batch]:
+  def _batches(self, batches: grain.MapDataset, tracker: UnreadableFiles) -> Iterator[data.Batch]:
     # uint8 images: the steps normalise them on the device (a quarter of
     # float32's bytes through shared memory and to the device).
-    batches = examples.batch(batch_size, drop_remainder=drop_remainder)
     length = len(batches)
     with contextlib.closing(iterate(batches, self.workers)) as stream:
       for count, batch in enumerate(stream, 1):
@@ -448,17 +592,19 @@ def iterate(batches: grain.MapDataset, workers: int) -> Iterator[data.Batch]:
   if workers == 0:
     stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   else:
-    stream = batches.to_iter_dataset(
-        grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+    stream = grain.experimental.WithOptionsIterDataset(
+        batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)),
+        grain.experimental.DatasetOptions(min_shm_size=_MIN_SHARED_BYTES),
     ).mp_prefetch(
         grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
-        worker_init_fn=_exit_with_parent,
+        worker_init_fn=_init_worker,
     )
   iterator = iter(stream)
   try:
     # Worker batches are views of their shared memory, not copied out (a
     # copy cost 11 % of the images/s with 2 workers on 2 cores,
-    # docs/benchmarks.md); Grain unlinks each block once its array is gone.
+    # docs/benchmarks.md); Grain unlinks each of its blocks once its array
+    # is gone (training images come in `_BlockRing`'s instead).
     yield from iterator
   finally:
     iterator.close()

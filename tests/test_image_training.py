@@ -158,20 +158,30 @@ def runs(train_only, tmp_path_factory):
       assert time.time() < deadline, "no checkpoint in time"
       time.sleep(0.05)
     assert proc.poll() is None
+    assert shared_memory_names(proc.pid)  # The workers' training-image blocks.
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     os.remove(late_image)
     shutil.move(kept, late_image)
+  # Python's resource tracker unlinks them once the workers have followed.
+  deadline = time.time() + 30
+  while shared_memory_names(proc.pid):
+    assert time.time() < deadline, shared_memory_names(proc.pid)
+    time.sleep(0.1)
   # Resumed where TensorFlow cannot be imported: the folder's data path (a
   # worker process), the loop, its TensorBoard events and checkpoints.
-  resumed_log = finish(
-      start_main(
-          [*args, "--config.dataset.workers=1", f"--workdir={killed}"],
-          without_tensorflow_in=base,
-      )
+  resumed = start_main(
+      [*args, "--config.dataset.workers=1", f"--workdir={killed}"], without_tensorflow_in=base
   )
+  resumed_log = finish(resumed)
+  assert not shared_memory_names(resumed.pid)
   return base / "reference", reference_log, killed, resumed_log
+
+
+def shared_memory_names(pid: int) -> set[str]:
+  """Process `pid`'s training-image blocks (`input_pipeline._BlockRing`)."""
+  return {n for n in os.listdir("/dev/shm") if n.startswith(f"mnv2_{pid}_")}
 
 
 def final_state(workdir: pathlib.Path):

@@ -10,7 +10,7 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from mnv2_flax import export, images, predict
+from mnv2_flax import export, images, jpeg_region, predict
 
 HEIGHT, WIDTH = 24, 40
 
@@ -200,10 +200,18 @@ def test_eval_crop_and_stretch():
     images.eval_image(data, image_size=4, crop_fraction=0.5, channels=3, resize="pad")
 
 
-def _png(pixels: np.ndarray) -> bytes:
+def _encoded(pixels: np.ndarray, fmt: str, **params) -> bytes:
   buffer = io.BytesIO()
-  Image.fromarray(pixels).save(buffer, format="PNG")
+  Image.fromarray(pixels).save(buffer, format=fmt, **params)
   return buffer.getvalue()
+
+
+def _png(pixels: np.ndarray) -> bytes:
+  return _encoded(pixels, "PNG")
+
+
+def _jpeg(pixels: np.ndarray, **params) -> bytes:
+  return _encoded(pixels, "JPEG", **params)
 
 
 def test_resize_is_half_pixel_bilinear():
@@ -236,6 +244,60 @@ def test_train_image_is_a_pure_function_of_the_rng_state(folder):
     assert a.shape == (16, 16, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
   assert len({o.tobytes() for o in outputs}) == len(outputs)
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        *[dict(subsampling=s) for s in ("4:4:4", "4:2:2", "4:2:0")],
+        dict(subsampling="4:2:0", progressive=True),
+        dict(subsampling="4:2:0", restart_marker_rows=1),
+        *[dict(cv2_sampling=s) for s in ("411", "440")],
+        dict(gray=True),
+    ],
+)
+def test_training_crop_decode_gives_the_whole_decodes_pixels(encode):
+  # The region decode (jpeg_region) against the crop of the whole image's
+  # decode, at crop edges on and off the MCU grid; odd sizes, a texture
+  # whose chroma changes from pixel to pixel (upsampling's edges show).
+  rng = np.random.default_rng(0)
+  pixels = cv2.GaussianBlur(rng.integers(0, 256, (45, 77, 3), dtype=np.uint8), (3, 3), 0)
+  encode = dict(encode)
+  if encode.pop("gray", False):
+    data = _jpeg(pixels[:, :, 0])
+  elif "cv2_sampling" in encode:
+    sampling = getattr(cv2, f"IMWRITE_JPEG_SAMPLING_FACTOR_{encode['cv2_sampling']}")
+    params = [cv2.IMWRITE_JPEG_QUALITY, 90, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, sampling]
+    data = cv2.imencode(".jpg", pixels, params)[1].tobytes()
+  else:
+    data = _jpeg(pixels, quality=90, **encode)
+  whole = images.decode(data, 3)
+  windows = [(0, 0, 45, 77), (3, 16, 20, 32), (1, 15, 44, 62), (44, 76, 1, 1), (7, 33, 9, 5)]
+  for top, left, height, width in windows:
+    crop = jpeg_region.decode_rgb(data, (top, left, height, width))
+    np.testing.assert_array_equal(crop, whole[top : top + height, left : left + width])
+
+
+def test_train_image_writes_into_out(folder):
+  data = _read(folder["baseline.jpg"][0])
+  for channels in (1, 3):
+    batch = np.zeros((3, 16, 16, channels), np.uint8)
+    for seed in range(4):  # Flipped and not.
+      expected = images.train_image(
+          data, np.random.default_rng(seed), image_size=16, area_min=0.08, channels=channels
+      )
+      out = batch[1]
+      got = images.train_image(
+          data,
+          np.random.default_rng(seed),
+          image_size=16,
+          area_min=0.08,
+          channels=channels,
+          out=out,
+      )
+      assert got is out
+      np.testing.assert_array_equal(batch[1], expected)
+      assert not batch[0].any() and not batch[2].any()
 
 
 def test_train_image_whole_image_fallback_and_flip():

@@ -12,10 +12,12 @@ import contextlib
 import itertools
 import json
 import logging
+import mmap
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -454,6 +456,37 @@ def test_image_folder_resume_processes_and_workers(image_root):
   dataset = image_folder(image_root)
   check_resume(dataset, 24 // 4)
   check_process_halves(lambda i, n: image_folder(image_root, i, n), start_step=4)
+
+
+def shared_memory_names() -> set[str]:
+  """This process's training-image blocks (`input_pipeline._BlockRing`)."""
+  return {n for n in os.listdir("/dev/shm") if n.startswith(f"mnv2_{os.getpid()}_")}
+
+
+@pytest.mark.slow
+def test_image_folder_training_images_come_in_reused_shared_memory(image_root):
+  """Workers write the images into blocks of shared memory, free again once
+  the batch is gone: the in-process batches, a block kept busy by a JAX array
+  that may alias it, the images through Grain (here pickled: 12 KB) when the
+  loop holds more batches than there are blocks; the blocks unlinked when the
+  stream is closed."""
+  steps = 2 * 2 * input_pipeline._BLOCKS_PER_WORKER + 4
+  want = list(itertools.islice(image_folder(image_root).train_batches(3), steps))
+  stream = image_folder(image_root, dataset__workers=2).train_batches(3)
+  first = next(stream)
+  assert isinstance(first["image"].base, mmap.mmap)  # A block's.
+  on_device = jax.device_put(first["image"])
+  del first
+  for want_batch in want[1 : steps // 2]:  # Each dropped: blocks reused.
+    assert_batches_equal([next(stream)], [want_batch])
+  np.testing.assert_array_equal(on_device, want[0]["image"])
+  held = [next(stream) for _ in want[steps // 2 :]]
+  assert_batches_equal(held, want[steps // 2 :])
+  assert 0 < sum(isinstance(b["image"].base, mmap.mmap) for b in held) < len(held)
+  assert shared_memory_names()
+  stream.close()
+  assert not shared_memory_names()
+  np.testing.assert_array_equal(held[0]["image"], want[steps // 2]["image"])
 
 
 @pytest.mark.slow
