@@ -238,6 +238,7 @@ def test_summary_reports_paper_size(capsys):
   assert info["macs"] == 300_774_272
 
 
+@pytest.mark.slow  # Compiles the whole width-0.5 model's initialisation and evaluation.
 def test_nan_eval_loss_raises(wide_setup, wide_state):
   # Training, its periodic evals and --mode=eval all evaluate through this;
   # main maps NonFiniteError to exit status 1.

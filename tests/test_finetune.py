@@ -183,6 +183,7 @@ def pretrained_features(pretrained, tmp_path_factory) -> str:
   return directory
 
 
+@pytest.mark.slow  # A fine-tuning run on an image folder.
 def test_features_checkpoint_gets_a_new_classifier(image_root, pretrained_features, tmp_path):
   loaded, _ = checkpoint.read_checkpoint(pretrained_features)
   saved = finetune(
