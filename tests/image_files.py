@@ -79,3 +79,8 @@ def run_without_tensorflow(script: str, tmp_path, timeout: int = 300) -> str:
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
+
+
+def shared_memory_names(pid: int) -> set[str]:
+  """Process `pid`'s training-image blocks (`input_pipeline._BlockRing`)."""
+  return {n for n in os.listdir("/dev/shm") if n.startswith(f"mnv2_{pid}_")}

@@ -60,8 +60,9 @@ def updates(reference: dict, initial: dict) -> dict[str, float]:
 
 class Run:
   """One training run of a set-up (sharing its compiled steps with others),
-  from INITIAL (a state of another layout, placed on this one's devices, with
-  this one's model: the statistics of batch_stats_per_device are its own)."""
+  from INITIAL (a state of another layout or a restored one, placed on this
+  one's devices, with this one's model: the statistics of
+  batch_stats_per_device are its own)."""
 
   def __init__(self, s: train.Setup, initial: train.TrainState):
     self.setup = s
@@ -128,9 +129,9 @@ class Layouts:
       ckpt = checkpoint.Checkpointer(directory, keep=1)
       ckpt.save(steps, reference.state)
       ckpt.wait()
-      restored = Run(four, start)
-      restored.state, _ = ckpt.restore(train.abstract_state(four))
+      restored_state, _ = ckpt.restore(train.abstract_state(four))
       ckpt.close()
+    restored = Run(four, restored_state)
     restored.batches = four.dataset.train_batches(steps)
     assert worst_ratio(variables(restored.state), expected, update)[0] == 0, "restore changed them"
     results["restored on 4 devices"] = worst_ratio(restored.train(1), reference.train(1), update)

@@ -28,7 +28,7 @@ import pytest
 from mnv2_flax import checkpoint, datasets, train
 
 from conftest import CACHE_DIR, REPO, SHALLOW, SHALLOW_FLAG, SMOKE_CONFIG, tiny_config
-from image_files import encode, run_without_tensorflow, tensorflow_blocker
+from image_files import encode, run_without_tensorflow, shared_memory_names, tensorflow_blocker
 
 # One worker: the tests share the runs of the module fixture.
 pytestmark = [
@@ -177,11 +177,6 @@ def runs(train_only, tmp_path_factory):
   resumed_log = finish(resumed)
   assert not shared_memory_names(resumed.pid)
   return base / "reference", reference_log, killed, resumed_log
-
-
-def shared_memory_names(pid: int) -> set[str]:
-  """Process `pid`'s training-image blocks (`input_pipeline._BlockRing`)."""
-  return {n for n in os.listdir("/dev/shm") if n.startswith(f"mnv2_{pid}_")}
 
 
 def final_state(workdir: pathlib.Path):

@@ -26,7 +26,13 @@ from PIL import Image
 
 from mnv2_flax import config_lib, data, datasets, folders, input_pipeline
 
-from image_files import encode, random_jpeg, run_without_tensorflow, write_imagenet_tars
+from image_files import (
+    encode,
+    random_jpeg,
+    run_without_tensorflow,
+    shared_memory_names,
+    write_imagenet_tars,
+)
 
 NUM_TRAIN, NUM_EVAL = 36, 13  # 36 // 8 = 4 steps per epoch; 13 pads eval.
 IMAGE_SIZE = 32
@@ -458,11 +464,6 @@ def test_image_folder_resume_processes_and_workers(image_root):
   check_process_halves(lambda i, n: image_folder(image_root, i, n), start_step=4)
 
 
-def shared_memory_names() -> set[str]:
-  """This process's training-image blocks (`input_pipeline._BlockRing`)."""
-  return {n for n in os.listdir("/dev/shm") if n.startswith(f"mnv2_{os.getpid()}_")}
-
-
 @pytest.mark.slow
 def test_image_folder_training_images_come_in_reused_shared_memory(image_root):
   """Workers write the images into blocks of shared memory, free again once
@@ -483,9 +484,9 @@ def test_image_folder_training_images_come_in_reused_shared_memory(image_root):
   held = [next(stream) for _ in want[steps // 2 :]]
   assert_batches_equal(held, want[steps // 2 :])
   assert 0 < sum(isinstance(b["image"].base, mmap.mmap) for b in held) < len(held)
-  assert shared_memory_names()
+  assert shared_memory_names(os.getpid())
   stream.close()
-  assert not shared_memory_names()
+  assert not shared_memory_names(os.getpid())
   np.testing.assert_array_equal(held[0]["image"], want[steps // 2]["image"])
 
 
