@@ -17,8 +17,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sensitivity")]
 @pytest.fixture(scope="module")
 def measured():
   """The paper's initialisation and the default (zero-initialised residual
-  scales), measured in this process: one compilation for both, since the
-  initialisation changes the weights, not the program."""
+  scales), measured in this process: one compilation of the gradient for
+  both, since the initialisation changes the weights, not the gradient's
+  program (each initialisation is a program of its own)."""
   return {
       zero: sensitivity.measure(tiny_config(**{"model.zero_init_residual": zero}), top=100)
       for zero in (False, True)
