@@ -249,9 +249,7 @@ def benchmark_jax(args: argparse.Namespace) -> tuple[Result, dict[str, np.ndarra
   s = train.setup(make_config(args))
   host_batch = next(s.dataset.train_batches())
   batch = s.shard(host_batch)
-  # Speed does not depend on the initial values: "rbg" keys, XLA's own
-  # generator, compile the initialisation in half the time of threefry's.
-  state = s.init(jax.random.key(0, impl="rbg"))
+  state = s.init(models.random_weights_key(0))  # Speed does not depend on the values.
 
   def train_step() -> None:
     nonlocal state  # The step donates its input state.

@@ -322,6 +322,16 @@ def create_model(
   )
 
 
+def random_weights_key(seed: int) -> jax.Array:
+  """A key for random weights whose values do not matter (speed and latency
+  measurements, test fixtures), not for the trainer's initialisation: "rbg"
+  keys, drawn by XLA's own bit generator, compile an initialisation about
+  twice as fast on a CPU as threefry's, whose rounds are compiled out for
+  every parameter (measured 2026-12-03: 9.0 and 20.6 CPU-s for the 17-block
+  width-0.35 model)."""
+  return jax.random.key(seed, impl="rbg")
+
+
 def count_macs(model: nn.Module, variables: Any, image_shape: Sequence[int]) -> int:
   """Multiply-adds of one forward pass on one image (convs and dense layers).
 

@@ -134,10 +134,9 @@ def measure(entry: Published, workdir: str, steps: int, warmup: int) -> dict[str
   model, _ = checkpoint.model_from_settings(settings, conv_impl="auto")
   shape = (entry.resolution, entry.resolution, 3)
   size = models.size(model, shape)
-  # Random weights: latency does not depend on their values. "rbg" keys, XLA's
-  # own generator, compile in half the time of threefry's rounds per kernel.
+  # Random weights: latency does not depend on their values.
   variables = jax.jit(
-      lambda: model.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, *shape)), train=False)
+      lambda: model.init(models.random_weights_key(0), jnp.zeros((1, *shape)), train=False)
   )()
   weights = os.path.join(workdir, entry.name)
   checkpoint.save_variables(

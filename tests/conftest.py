@@ -51,17 +51,6 @@ def tiny_config(**overrides):
   return config
 
 
-def random_key(seed: int):
-  """A key for random weights where any random weights do (fixtures, not the
-  trainer's initialisation): "rbg" keys, drawn by XLA's own bit generator,
-  compile an initialisation 2.3x faster on a CPU than threefry's, whose
-  rounds are compiled out for every parameter (measured 2026-12-03: 9.0 and
-  20.6 CPU-s for the 17-block width-0.35 model)."""
-  import jax  # pylint: disable=g-import-not-at-top  # After the environment above.
-
-  return jax.random.key(seed, impl="rbg")
-
-
 def checkpoint_steps(directory) -> list[int]:
   """The step numbers saved in a checkpoints directory (its other files, such
   as settings.json, left out)."""

@@ -29,7 +29,7 @@ import numpy as np
 
 from mnv2_flax import checkpoint, config_lib, data, export, models
 
-from conftest import cached, random_key, source_key, tiny_config
+from conftest import cached, source_key, tiny_config
 
 STEPS = 300
 # Everything that shapes the weights or the settings.json beside them.
@@ -132,7 +132,9 @@ def random_checkpoint(name: str) -> str:
   else:
     normalization = None
     images = rng.normal(0, 1, (256, size, size, channels)).astype(np.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(random_key(1), images[:1])
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      models.random_weights_key(1), images[:1]
+  )
   _, updates = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
       variables, images, rngs={"dropout": jax.random.PRNGKey(0)}
   )

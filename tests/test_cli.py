@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from absl import flags
 
-from mnv2_flax import checkpoint, config_lib, errors, train
+from mnv2_flax import checkpoint, config_lib, errors, models, train
 from mnv2_flax import main as cli
 
-from conftest import CACHE_DIR, random_key, run_main, tiny_config
+from conftest import CACHE_DIR, run_main, tiny_config
 
 # One worker: the tests share the compiled wide_setup.
 pytestmark = pytest.mark.xdist_group("cli")
@@ -46,7 +46,7 @@ def wide_setup():
 @pytest.fixture(scope="module")
 def wide_state(wide_setup):
   """Its state, with random weights drawn by the cheaper generator."""
-  return wide_setup.init(random_key(0))
+  return wide_setup.init(models.random_weights_key(0))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from PIL import Image
 from mnv2_flax import checkpoint, config_lib, models, train
 from mnv2_flax.errors import ConfigError
 
-from conftest import SHALLOW, random_key, tiny_config
+from conftest import SHALLOW, tiny_config
 
 # One worker: the tests share the image folder and pretrained fixtures.
 pytestmark = pytest.mark.xdist_group("finetune")
@@ -42,7 +42,7 @@ def pretrained(tmp_path_factory) -> str:
   config = tiny_config(**{"dataset.name": "synthetic", **SHALLOW})
   model = models.create_model(config.model, 10)
   # Jitted: op by op, every operation of the model would compile on its own.
-  variables = jax.jit(lambda: model.init(random_key(1), jnp.zeros((1, 16, 16, 3))))()
+  variables = jax.jit(lambda: model.init(models.random_weights_key(1), jnp.zeros((1, 16, 16, 3))))()
   rng = np.random.default_rng(1)
   variables = {
       "params": variables["params"],

@@ -10,8 +10,6 @@ from flax import linen as nn
 
 from mnv2_flax import layers, models
 
-from conftest import random_key
-
 # One worker: the tests share the compiled small_model.
 pytestmark = pytest.mark.xdist_group("models")
 
@@ -185,7 +183,7 @@ def test_zero_init_residual_starts_each_residual_branch_as_the_identity():
     # Only the blocks' BatchNorm scales are returned, so XLA drops the
     # kernels' random draws: a fraction of a whole initialisation's compile
     # time. The scales do not depend on the random numbers.
-    scales = jax.jit(block_bn_scales)(random_key(0))
+    scales = jax.jit(block_bn_scales)(models.random_weights_key(0))
     zeroed = {n for (n, layer), scale in scales.items() if layer == branch_end and not scale.any()}
     # The 10 blocks with stride 1 and equal widths (bottleneck shortcut), or
     # the 10 blocks that receive their predecessor's expansion.
@@ -245,7 +243,11 @@ def small_model():
       num_classes=5, width_multiplier=0.35, depth_multiplier=0.5, stem_stride=1
   )
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
-  return model, jax.jit(functools.partial(model.init, train=False))(random_key(1), x), x
+  return (
+      model,
+      jax.jit(functools.partial(model.init, train=False))(models.random_weights_key(1), x),
+      x,
+  )
 
 
 @pytest.mark.slow  # Compiles the model in train and in eval mode.
