@@ -33,9 +33,10 @@ import sys
 import tempfile
 
 # Four CPU devices, and the tests' compilation cache: before JAX is imported.
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import LAYOUT_CONFIG, tiny_config, worst_ratio  # noqa: E402, I001
+from conftest import LAYOUT_CONFIG, tiny_config, worst_ratio, xla_flags  # noqa: E402, I001
+
+os.environ["XLA_FLAGS"] = xla_flags(4)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -27,7 +27,7 @@ import pytest
 
 from mnv2_flax import checkpoint, datasets, train
 
-from conftest import CACHE_DIR, REPO, SHALLOW, SHALLOW_FLAG, SMOKE_CONFIG, tiny_config
+from conftest import CACHE_DIR, REPO, SHALLOW, SHALLOW_FLAG, SMOKE_CONFIG, tiny_config, xla_flags
 from image_files import encode, run_without_tensorflow, shared_memory_names, tensorflow_blocker
 
 # One worker: the tests share the runs of the module fixture.
@@ -102,7 +102,7 @@ def start_main(args, *, without_tensorflow_in=None) -> subprocess.Popen:
   env = dict(
       os.environ,
       PYTHONPATH=os.pathsep.join(path),
-      XLA_FLAGS="--xla_force_host_platform_device_count=1",
+      XLA_FLAGS=xla_flags(1),
   )
   return subprocess.Popen(
       [sys.executable, "-m", "mnv2_flax.main", f"--config={SMOKE_CONFIG}", *args],

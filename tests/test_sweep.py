@@ -14,7 +14,7 @@ import pytest
 
 from launch import report, sweep, sweep_lib
 
-from conftest import CACHE_DIR, REPO, SHALLOW_FLAG, processes_mentioning, started
+from conftest import CACHE_DIR, REPO, SHALLOW_FLAG, processes_mentioning, started, xla_flags
 
 # Two points: one trains; one fails at run time (no checkpoint to start from),
 # after passing the checks made before anything runs.
@@ -34,7 +34,7 @@ RUN_FLAGS = [
 ]
 ENV = dict(
     os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    XLA_FLAGS=xla_flags(1),
     PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
 )
 
