@@ -20,13 +20,15 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mnv2_flax import allocator, cli, config_lib, errors
+# Light imports only: console_main re-executes the process (allocator), so
+# JAX, the model and the data pipeline are imported after it, where used.
+from mnv2_flax import allocator, cli, errors
 from mnv2_flax.cli import fail
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config",
-    config_lib.__file__,
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "config_lib.py"),
     "A config file (configs/*.py); by default the embedded digits config "
     "(config_lib.get_config). Override keys with --config.KEY=VALUE.",
     # An unknown --config.KEY then reaches config_lib.validate, which names it
@@ -84,7 +86,7 @@ def initialize_jax(config) -> None:
 
 
 def summary(config) -> dict[str, int]:
-  from mnv2_flax import models  # pylint: disable=g-import-not-at-top
+  from mnv2_flax import config_lib, models  # pylint: disable=g-import-not-at-top
 
   config_lib.validate(config, device_count=1)
   size = config.dataset.image_size

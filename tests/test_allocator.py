@@ -79,3 +79,17 @@ def test_opting_out_keeps_glibc_defaults():
     assert huge_kb == 0
   user_choice = "glibc.malloc.tcache_count=0"
   assert probe(GLIBC_TUNABLES=user_choice)[0] == user_choice
+
+
+def test_main_reexecutes_before_importing_jax():
+  # The re-exec starts the interpreter afresh: whatever main imported before
+  # it (JAX alone is ~1.5 CPU-seconds) would be imported twice per command.
+  code = (
+      "import sys; sys.argv = ['main', '--config=configs/smoke.py']; "
+      "import mnv2_flax.main; print(sorted({'jax', 'numpy'} & set(sys.modules)))"
+  )
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  out = subprocess.run(
+      [sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True, text=True
+  ).stdout
+  assert out.split() == ["[]"]
