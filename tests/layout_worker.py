@@ -32,10 +32,11 @@ import os
 import sys
 import tempfile
 
-# Four CPU devices, and the tests' compilation cache: before JAX is imported.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import LAYOUT_CONFIG, tiny_config, worst_ratio, xla_flags  # noqa: E402, I001
 
+# Four CPU devices, with the tests' XLA flags and compilation cache (conftest):
+# before JAX is imported.
 os.environ["XLA_FLAGS"] = xla_flags(4)
 
 import jax  # noqa: E402
