@@ -33,10 +33,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
 if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
-# Added for the float64 runs (tests/layout_worker.py, test_multiprocess.py):
-# without XLA's CPU fusion emitters their steps compile in about two thirds
-# of the CPU time (float32 steps compile slower without them).
-FLOAT64_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+# XLA_FLAGS of the float64 runs (tests/layout_worker.py, test_multiprocess.py):
+# the tests' own, and without XLA's CPU fusion emitters, with which their
+# steps compile in about two thirds of the CPU time (float32 steps compile
+# slower without them).
+FLOAT64_XLA_FLAGS = f"{os.environ['XLA_FLAGS']} --xla_cpu_use_fusion_emitters=false"
 
 SMOKE_CONFIG = "configs/smoke.py"
 # The model of the tests of plumbing (signals, resume, sweeps, device
@@ -208,7 +209,7 @@ def float64_layouts() -> str:
     env = dict(
         os.environ,
         PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        XLA_FLAGS=f"{os.environ['XLA_FLAGS']} {FLOAT64_XLA_FLAGS}",
+        XLA_FLAGS=FLOAT64_XLA_FLAGS,
     )
     command = [sys.executable, str(worker), "--dtype=float64", "--steps=4", "--seeds=0,1,2"]
     command += ["--restore", f"--out={directory}/results.json", f"--save_dir={directory}"]

@@ -105,7 +105,7 @@ def runs(tmp_path_factory):
       os.environ,
       JAX_PLATFORMS="cpu",
       PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-      XLA_FLAGS=f"{os.environ['XLA_FLAGS']} {FLOAT64_XLA_FLAGS}",
+      XLA_FLAGS=FLOAT64_XLA_FLAGS,
   )
   log_path = os.path.join(multi, "launch.log")
   start = time.time()
